@@ -1,0 +1,296 @@
+//! Runs a plan against the store: skips what is done, resumes what is half
+//! done, and writes `run.json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::stage::{Mode, RunCx, Table};
+use crate::store::{chunk_file_name, ChunkRecord, ExternalRecord, Manifest, Store};
+
+/// Receives progress; the binary draws bars on a TTY or logs JSON lines.
+pub trait Reporter: Sync {
+    fn stage_started(&self, id: &str, kind: &str, status: &str, total: u64);
+    fn progress(&self, id: &str, done: u64, total: u64);
+    fn stage_finished(&self, report: &StageReport);
+}
+
+/// A reporter that says nothing (tests, library use).
+pub struct Quiet;
+
+impl Reporter for Quiet {
+    fn stage_started(&self, _: &str, _: &str, _: &str, _: u64) {}
+    fn progress(&self, _: &str, _: u64, _: u64) {}
+    fn stage_finished(&self, _: &StageReport) {}
+}
+
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Run only this stage and what it needs.
+    pub until: Option<String>,
+    /// Recompute these stages and everything downstream of them.
+    pub force: Vec<String>,
+}
+
+/// One stage's line in `run.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub id: String,
+    pub kind: String,
+    pub key: String,
+    /// `ran`, `resumed` (some chunks were already done) or `cached`.
+    pub status: String,
+    pub chunks: usize,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub drops: BTreeMap<String, u64>,
+    pub elapsed_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub pipeline: String,
+    pub pipeline_hash: String,
+    pub prefpipe_version: String,
+    pub seed: u64,
+    pub chunk_size: usize,
+    pub device: String,
+    pub elapsed_s: f64,
+    pub stages: Vec<StageReport>,
+}
+
+/// Runs the plan; returns the report also written to `<store>/run.json`.
+pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Reporter) -> Result<RunReport> {
+    let t0 = Instant::now();
+    let mut selected = vec![true; plan.stages.len()];
+    if let Some(u) = &opts.until {
+        let i = plan.require(u, "--until")?;
+        selected = vec![false; plan.stages.len()];
+        for j in plan.ancestors(i) {
+            selected[j] = true;
+        }
+    }
+    for f in &opts.force {
+        let i = plan.require(f, "--force")?;
+        for j in plan.descendants(i) {
+            let s = &plan.stages[j];
+            store.clear(&s.id, &s.key)?;
+        }
+    }
+    let mut reports = Vec::new();
+    let mut manifests: Vec<Option<Manifest>> = vec![None; plan.stages.len()];
+    for (i, s) in plan.stages.iter().enumerate() {
+        if !selected[i] {
+            continue;
+        }
+        let r = run_stage(plan, store, i, &manifests, reporter).map_err(|e| e.in_stage(&s.id))?;
+        reporter.stage_finished(&r.0);
+        reports.push(r.0);
+        manifests[i] = Some(r.1);
+    }
+    let report = RunReport {
+        pipeline: plan.spec.name.clone(),
+        pipeline_hash: plan.spec.text_hash.clone(),
+        prefpipe_version: env!("CARGO_PKG_VERSION").to_string(),
+        seed: plan.spec.seed,
+        chunk_size: plan.spec.chunk_size,
+        device: "cpu".to_string(),
+        elapsed_s: t0.elapsed().as_secs_f64(),
+        stages: reports,
+    };
+    let bytes = serde_json::to_vec_pretty(&report).expect("report serializes");
+    let path = store.root.join("run.json");
+    crate::io::write_atomic(&path, |f| {
+        use std::io::Write;
+        f.write_all(&bytes).map_err(|e| Error::io(&path, e))
+    })?;
+    Ok(report)
+}
+
+/// The input tables of stage `i`, from finished manifests.
+fn input_tables(plan: &Plan, store: &Store, i: usize, manifests: &[Option<Manifest>]) -> Vec<(Table, Manifest)> {
+    plan.stages[i]
+        .inputs
+        .iter()
+        .map(|&j| {
+            let m = manifests[j].clone().expect("inputs run first");
+            let t = Table { id: plan.stages[j].id.clone(), schema: plan.stages[j].schema.clone(), files: store.chunk_files(&m) };
+            (t, m)
+        })
+        .collect()
+}
+
+fn run_stage(
+    plan: &Plan,
+    store: &Store,
+    i: usize,
+    manifests: &[Option<Manifest>],
+    reporter: &dyn Reporter,
+) -> Result<(StageReport, Manifest)> {
+    let s = &plan.stages[i];
+    let t0 = Instant::now();
+    let dir = store.stage_dir(&s.id, &s.key);
+    let mut m = store.manifest(&s.id, &s.key)?.unwrap_or_else(|| Manifest {
+        id: s.id.clone(),
+        kind: s.kind.clone(),
+        key: s.key.clone(),
+        aligned: s.aligned,
+        ..Default::default()
+    });
+    // A sink whose file was deleted or changed is not done.
+    if m.complete {
+        if let Some(ext) = &m.external {
+            let same = ext.path.exists() && crate::io::file_digest(&ext.path).ok().as_deref() == Some(ext.blake3.as_str());
+            if !same {
+                m.complete = false;
+                m.external = None;
+            }
+        }
+    }
+    let report = |m: &Manifest, status: &str, t0: Instant| StageReport {
+        id: s.id.clone(),
+        kind: s.kind.clone(),
+        key: s.key.clone(),
+        status: status.to_string(),
+        chunks: m.chunks.len(),
+        rows_in: m.rows_in(),
+        rows_out: m.rows_out(),
+        drops: m.drops(),
+        elapsed_s: t0.elapsed().as_secs_f64(),
+        output: m.external.as_ref().map(|e| e.path.clone()),
+    };
+    if m.complete {
+        reporter.stage_started(&s.id, &s.kind, "cached", 0);
+        return Ok((report(&m, "cached", t0), m));
+    }
+    std::fs::create_dir_all(dir.join("scratch")).map_err(|e| Error::io(&dir, e))?;
+    let inputs = input_tables(plan, store, i, manifests);
+    let scratch = dir.join("scratch");
+    let id = s.id.as_str();
+    let progress = |done: u64, total: u64| reporter.progress(id, done, total);
+    let cx = |chunk| RunCx {
+        stage_id: &s.id,
+        seed: plan.spec.seed,
+        chunk,
+        scratch: &scratch,
+        base_dir: &plan.base_dir,
+        models: &plan.models,
+        progress: &progress,
+    };
+    let per_chunk = match s.mode {
+        Mode::PerChunk => true,
+        Mode::PerPrompt => inputs[0].1.aligned,
+        _ => false,
+    };
+    let resumed = !m.chunks.is_empty();
+    if per_chunk {
+        let (input, input_m) = &inputs[0];
+        let n = input.files.len();
+        m.n_chunks = Some(n);
+        // Chunks recorded under an older layout are dropped.
+        m.chunks.retain(|k, _| *k < n);
+        reporter.stage_started(&s.id, &s.kind, if resumed { "resumed" } else { "running" }, n as u64);
+        for (c, file) in input.files.iter().enumerate() {
+            if m.chunks.contains_key(&c) && dir.join(chunk_file_name(c)).exists() {
+                continue;
+            }
+            let t = Table { id: input.id.clone(), schema: input.schema.clone(), files: vec![file.clone()] };
+            let out = s.stage.run(&cx(c), &[t])?;
+            let rows_in = if out.rows_in > 0 { out.rows_in } else { input_m.chunks.values().nth(c).map_or(0, |r| r.rows_out) };
+            let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
+            check_schema(&s.schema, &out.batches)?;
+            crate::io::write_parquet(&dir.join(chunk_file_name(c)), &s.schema, &out.batches)?;
+            m.chunks.insert(c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out, drops: out.drops });
+            store.write_manifest(&m)?;
+            reporter.progress(&s.id, m.chunks.len() as u64, n as u64);
+        }
+    } else {
+        reporter.stage_started(&s.id, &s.kind, "running", 1);
+        m.chunks.clear();
+        let tables: Vec<Table> = inputs.iter().map(|(t, _)| t.clone()).collect();
+        let out = s.stage.run(&cx(0), &tables)?;
+        let rows_in = if out.rows_in > 0 { out.rows_in } else { inputs.iter().map(|(_, m)| m.rows_out()).sum() };
+        check_schema(&s.schema, &out.batches)?;
+        if s.mode == Mode::Sink {
+            let path = s.external.clone().expect("a sink names its file");
+            let blake3 = crate::io::file_digest(&path)?;
+            m.external = Some(ExternalRecord { path, blake3 });
+            m.chunks.insert(0, ChunkRecord { file: String::new(), rows_in, rows_out: rows_in, drops: out.drops });
+        } else if s.mode == Mode::Source {
+            let mut batches = out.batches.into_iter().enumerate().peekable();
+            if batches.peek().is_none() {
+                crate::io::write_parquet(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
+                m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone() });
+            }
+            let mut drops = Some(out.drops);
+            for (c, b) in batches {
+                crate::io::write_parquet(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
+                let rows_in = if c == 0 { rows_in } else { 0 };
+                let d = drops.take().unwrap_or_default();
+                m.chunks.insert(c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops: d });
+            }
+        } else {
+            let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
+            crate::io::write_parquet(&dir.join(chunk_file_name(0)), &s.schema, &out.batches)?;
+            m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out, drops: out.drops });
+        }
+    }
+    m.complete = true;
+    store.write_manifest(&m)?;
+    let status = if resumed { "resumed" } else { "ran" };
+    Ok((report(&m, status, t0), m))
+}
+
+/// A stage's batches must match its planned schema (a bug otherwise).
+fn check_schema(schema: &arrow::datatypes::SchemaRef, batches: &[arrow::record_batch::RecordBatch]) -> Result<()> {
+    for b in batches {
+        if b.schema().fields() != schema.fields() {
+            return Err(Error::Runtime(format!(
+                "internal error: output schema {:?} differs from the planned {:?}",
+                b.schema().fields().iter().map(|f| format!("{}:{}", f.name(), f.data_type())).collect::<Vec<_>>(),
+                schema.fields().iter().map(|f| format!("{}:{}", f.name(), f.data_type())).collect::<Vec<_>>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Per-stage status for `prefpipe plan`: `done`, `k of n chunks`, `pending`.
+pub fn status(plan: &Plan, store: &Store) -> Result<Vec<(String, String, String)>> {
+    let mut out = Vec::new();
+    for s in &plan.stages {
+        let st = match store.manifest(&s.id, &s.key)? {
+            Some(m) if m.complete => "done".to_string(),
+            Some(m) if !m.chunks.is_empty() => match m.n_chunks {
+                Some(n) => format!("{} of {n} chunks", m.chunks.len()),
+                None => format!("{} chunks", m.chunks.len()),
+            },
+            _ => "pending".to_string(),
+        };
+        let inputs = if s.input_ids.is_empty() { String::new() } else { format!(" ← {}", s.input_ids.join(", ")) };
+        out.push((s.id.clone(), format!("{}{inputs}", s.kind), st));
+    }
+    Ok(out)
+}
+
+/// Finished outputs of every stage, for `prefpipe query --pipeline`.
+pub fn finished_tables(plan: &Plan, store: &Store) -> Result<Vec<Table>> {
+    let mut out = Vec::new();
+    for s in &plan.stages {
+        if s.mode == Mode::Sink {
+            continue;
+        }
+        if let Some(m) = store.manifest(&s.id, &s.key)? {
+            if m.complete {
+                out.push(Table { id: s.id.clone(), schema: s.schema.clone(), files: store.chunk_files(&m) });
+            }
+        }
+    }
+    Ok(out)
+}

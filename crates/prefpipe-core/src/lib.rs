@@ -1,0 +1,18 @@
+//! prefpipe-core: the engine's spine.
+//!
+//! YAML as written ([`spec`]) → a checked plan ([`plan`]) → a run against the
+//! content-addressed store ([`store`], [`exec`]). Stage kinds implement
+//! [`stage::Stage`]; tables are Arrow ([`table`]) persisted as Parquet ([`io`]).
+//! No candle, no DataFusion here.
+
+pub mod error;
+pub mod exec;
+pub mod io;
+pub mod plan;
+pub mod spec;
+pub mod stage;
+pub mod store;
+pub mod table;
+pub mod yaml;
+
+pub use error::{Diagnostic, Error, Location, Result};

@@ -1,0 +1,271 @@
+//! Spec → plan: typed stage configs, a checked DAG in run order, output
+//! schemas, and content keys. Every problem is reported at once, located.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::SchemaRef;
+
+use crate::error::{closest, Diagnostic, Error, Result};
+use crate::spec::{PipelineSpec, StageSpec};
+use crate::stage::{Arity, ConfigError, Mode, PlanCx, Stage, StageKind};
+
+/// A pipeline resolved and checked, ready to run.
+pub struct Plan {
+    pub spec: PipelineSpec,
+    /// Directory relative paths resolve against (the pipeline file's).
+    pub base_dir: PathBuf,
+    pub models: BTreeMap<String, PathBuf>,
+    /// Stages in run order (inputs before the stages that read them).
+    pub stages: Vec<PlannedStage>,
+}
+
+pub struct PlannedStage {
+    pub id: String,
+    pub kind: String,
+    /// Indices into [`Plan::stages`].
+    pub inputs: Vec<usize>,
+    pub input_ids: Vec<String>,
+    pub stage: Box<dyn Stage>,
+    pub mode: Mode,
+    pub schema: SchemaRef,
+    /// Content key: blake3 over kind, canonical config, file digests and input keys.
+    pub key: String,
+    /// Whether every prompt's rows sit in one chunk of the output.
+    pub aligned: bool,
+    pub external: Option<PathBuf>,
+}
+
+impl Plan {
+    pub fn index(&self, id: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.id == id)
+    }
+
+    /// The stage and every stage it reads from, transitively.
+    pub fn ancestors(&self, i: usize) -> Vec<usize> {
+        let mut seen = vec![false; self.stages.len()];
+        let mut stack = vec![i];
+        while let Some(j) = stack.pop() {
+            if !std::mem::replace(&mut seen[j], true) {
+                stack.extend(&self.stages[j].inputs);
+            }
+        }
+        (0..self.stages.len()).filter(|&j| seen[j]).collect()
+    }
+
+    /// The stage and every stage that reads from it, transitively.
+    pub fn descendants(&self, i: usize) -> Vec<usize> {
+        let mut seen = vec![false; self.stages.len()];
+        seen[i] = true;
+        for j in i + 1..self.stages.len() {
+            if self.stages[j].inputs.iter().any(|&k| seen[k]) {
+                seen[j] = true;
+            }
+        }
+        (0..self.stages.len()).filter(|&j| seen[j]).collect()
+    }
+
+    /// A stage id that must exist (for --until/--force/--set).
+    pub fn require(&self, id: &str, flag: &str) -> Result<usize> {
+        self.index(id).ok_or_else(|| {
+            let hint = closest(id, self.stages.iter().map(|s| s.id.as_str()))
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            Error::Input(format!("{flag} {id}: the pipeline has no stage `{id}`{hint}"))
+        })
+    }
+}
+
+/// Builds the plan; on failure every problem found, sorted by position.
+pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Result<Plan> {
+    let file = spec.file.clone();
+    let mut errs: Vec<Diagnostic> = Vec::new();
+    let located = |s: &StageSpec, e: ConfigError| Diagnostic {
+        location: s.config.locate(&e.path).location(&file),
+        stage: Some(s.id.clone()),
+        message: e.message,
+    };
+    let at_node = |s: &StageSpec, n: &crate::yaml::Node, msg: String| Diagnostic {
+        location: n.location(&file),
+        stage: Some(s.id.clone()),
+        message: msg,
+    };
+
+    let models: BTreeMap<String, PathBuf> = spec
+        .models
+        .iter()
+        .map(|(k, (p, _))| {
+            let p = Path::new(p);
+            (k.clone(), if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) })
+        })
+        .collect();
+
+    // 1. Kinds and typed configs.
+    let ids: HashMap<&str, usize> = spec.stages.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+    let mut built: Vec<Option<(Box<dyn Stage>, &StageKind)>> = Vec::new();
+    for s in &spec.stages {
+        let kind_node = s.node.get("kind").unwrap_or(&s.node);
+        let Some(kind) = registry.iter().find(|k| k.name == s.kind) else {
+            let hint = closest(&s.kind, registry.iter().map(|k| k.name))
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            let all: Vec<&str> = registry.iter().map(|k| k.name).collect();
+            errs.push(at_node(s, kind_node, format!("unknown stage kind `{}`{hint} (kinds: {})", s.kind, all.join(", "))));
+            built.push(None);
+            continue;
+        };
+        match (kind.arity, s.inputs.len()) {
+            (Arity::None, 0) | (Arity::One, 1) | (Arity::Many, 1..) => {}
+            (Arity::None, _) => errs.push(at_node(s, s.node.get("input").unwrap_or(&s.node), format!("a `{}` stage reads no `input`", kind.name))),
+            (Arity::One, 0) | (Arity::Many, 0) => errs.push(at_node(s, &s.node, format!("a `{}` stage needs an `input` (the id of the stage it reads)", kind.name))),
+            (Arity::One, _) => errs.push(at_node(s, s.node.get("input").unwrap_or(&s.node), format!("a `{}` stage reads exactly one `input`", kind.name))),
+        }
+        match (kind.build)(&s.config.to_json()) {
+            Ok(stage) => built.push(Some((stage, kind))),
+            Err(es) => {
+                errs.extend(es.into_iter().map(|e| located(s, e)));
+                built.push(None);
+            }
+        }
+    }
+
+    // 2. Input references and cycles.
+    let mut deps: Vec<Vec<usize>> = Vec::new();
+    for s in &spec.stages {
+        let mut d = Vec::new();
+        for (input, node) in &s.inputs {
+            match ids.get(input.as_str()) {
+                Some(_) if input == &s.id => errs.push(at_node(s, node, format!("stage `{}` reads itself", s.id))),
+                Some(&j) => d.push(j),
+                None => {
+                    let hint = closest(input, ids.keys().copied()).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
+                    errs.push(at_node(s, node, format!("`input` names no stage: `{input}`{hint}")));
+                }
+            }
+        }
+        deps.push(d);
+    }
+    let order = match topo_order(&deps) {
+        Ok(o) => o,
+        Err(cycle) => {
+            let names: Vec<&str> = cycle.iter().map(|&i| spec.stages[i].id.as_str()).collect();
+            let s = &spec.stages[cycle[0]];
+            errs.push(at_node(s, s.node.get("input").unwrap_or(&s.node), format!("the stages form a cycle: {} → {}", names.join(" → "), names[0])));
+            Vec::new()
+        }
+    };
+
+    // 3. Schemas and keys, in run order; skip stages whose inputs failed.
+    let mut planned: Vec<Option<PlannedStage>> = (0..spec.stages.len()).map(|_| None).collect();
+    let mut built = built;
+    for &i in &order {
+        let s = &spec.stages[i];
+        let Some((stage, kind)) = built[i].take() else { continue };
+        if deps[i].iter().any(|&j| planned[j].is_none()) {
+            continue;
+        }
+        let input_ids: Vec<String> = s.inputs.iter().map(|(id, _)| id.clone()).collect();
+        let cx = PlanCx { base_dir, models: &models, input_ids: &input_ids };
+        let in_schemas: Vec<SchemaRef> = deps[i].iter().map(|&j| planned[j].as_ref().unwrap().schema.clone()).collect();
+        let schema = match stage.plan(&cx, &in_schemas) {
+            Ok(s) => s,
+            Err(es) => {
+                errs.extend(es.into_iter().map(|e| located(s, e)));
+                continue;
+            }
+        };
+        let fingerprint_res = stage.fingerprint(&cx);
+        let external = stage.external_output(&cx);
+        let fingerprint = match fingerprint_res {
+            Ok(f) => f,
+            Err(e) => {
+                errs.push(located(s, e));
+                continue;
+            }
+        };
+        let mut h = blake3::Hasher::new();
+        h.update(b"prefpipe/stage/v1\0");
+        for part in [kind.name, s.id.as_str(), &stage.config().to_string(), &spec.seed.to_string(), &spec.chunk_size.to_string()] {
+            h.update(part.as_bytes());
+            h.update(b"\0");
+        }
+        h.update(&fingerprint);
+        for &j in &deps[i] {
+            h.update(planned[j].as_ref().unwrap().key.as_bytes());
+        }
+        let input_aligned = deps[i].iter().all(|&j| planned[j].as_ref().unwrap().aligned);
+        let mode = stage.mode();
+        planned[i] = Some(PlannedStage {
+            id: s.id.clone(),
+            kind: kind.name.to_string(),
+            inputs: deps[i].clone(),
+            input_ids: input_ids.clone(),
+            mode,
+            schema,
+            key: h.finalize().to_hex().to_string(),
+            aligned: stage.output_aligned(input_aligned),
+            external,
+            stage,
+        });
+    }
+    if !errs.is_empty() {
+        errs.sort();
+        errs.dedup();
+        return Err(Error::Invalid(errs));
+    }
+    // Re-index into run order.
+    let pos: HashMap<usize, usize> = order.iter().enumerate().map(|(p, &i)| (i, p)).collect();
+    let mut stages = Vec::new();
+    for &i in &order {
+        let mut p = planned[i].take().expect("planned");
+        p.inputs = p.inputs.iter().map(|j| pos[j]).collect();
+        stages.push(p);
+    }
+    Ok(Plan { spec, base_dir: base_dir.to_path_buf(), models, stages })
+}
+
+/// Kahn's algorithm, ties by file order; Err(a cycle) if there is one.
+fn topo_order(deps: &[Vec<usize>]) -> std::result::Result<Vec<usize>, Vec<usize>> {
+    let n = deps.len();
+    let mut indeg: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut out = Vec::with_capacity(n);
+    let mut done = vec![false; n];
+    loop {
+        let Some(i) = (0..n).find(|&i| !done[i] && indeg[i] == 0) else { break };
+        done[i] = true;
+        out.push(i);
+        for (j, d) in deps.iter().enumerate() {
+            indeg[j] -= d.iter().filter(|&&k| k == i).count();
+        }
+    }
+    if out.len() == n {
+        return Ok(out);
+    }
+    // Walk dependencies from a blocked stage until one repeats: that's a cycle.
+    let start = (0..n).find(|&i| !done[i]).expect("a blocked stage");
+    let mut path = vec![start];
+    let mut cur = start;
+    loop {
+        let next = *deps[cur].iter().find(|&&k| !done[k]).expect("blocked stages have blocked deps");
+        if let Some(p) = path.iter().position(|&x| x == next) {
+            let mut cycle = path[p..].to_vec();
+            cycle.reverse();
+            return Err(cycle);
+        }
+        path.push(next);
+        cur = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topo_orders_and_finds_cycles() {
+        assert_eq!(topo_order(&[vec![], vec![0], vec![1]]), Ok(vec![0, 1, 2]));
+        assert_eq!(topo_order(&[vec![1], vec![]]), Ok(vec![1, 0]));
+        let c = topo_order(&[vec![], vec![2], vec![1]]).unwrap_err();
+        assert_eq!(c.len(), 2);
+    }
+}

@@ -1,0 +1,202 @@
+//! The `Stage` trait every YAML `kind` implements, and the registry entry type.
+//!
+//! A stage kind is one file in `prefpipe-stages` plus one [`StageKind`] line
+//! in its registry list. The engine (spec → plan → run) only sees this trait.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+
+use crate::error::Result;
+use crate::yaml::PathSeg;
+
+/// How the executor feeds a stage and stores what it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No input; each returned batch becomes one chunk (grouped by prompt).
+    Source,
+    /// Input chunk i → output chunk i; rows are independent (generate, score).
+    /// Resumes chunk by chunk.
+    PerChunk,
+    /// Like `PerChunk` but needs every row of a prompt in the same call
+    /// (per-prompt selection). When the input is not prompt-aligned, the
+    /// whole input is one call.
+    PerPrompt,
+    /// All inputs at once (sql, corpus-level selection, training).
+    Whole,
+    /// Writes a file outside the store (export). Output table is empty.
+    Sink,
+}
+
+/// A problem in a stage's configuration, located by a path inside the stage's YAML.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub path: Vec<PathSeg>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(message: impl Into<String>) -> Self {
+        ConfigError { path: Vec::new(), message: message.into() }
+    }
+    /// At a field of the stage config (`at("keep")`).
+    pub fn at(field: &str, message: impl Into<String>) -> Self {
+        ConfigError { path: vec![PathSeg::Key(field.to_string())], message: message.into() }
+    }
+}
+
+/// What plan-time checks may read: the pipeline's model table and its directory.
+pub struct PlanCx<'a> {
+    /// Directory of the pipeline file; relative paths resolve against it.
+    pub base_dir: &'a Path,
+    /// `models:` of the pipeline, name → path (already resolved).
+    pub models: &'a BTreeMap<String, PathBuf>,
+    /// Ids of this stage's inputs, in order.
+    pub input_ids: &'a [String],
+}
+
+impl PlanCx<'_> {
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+    /// A `model:` value: a name from `models:` or a path.
+    pub fn resolve_model(&self, m: &str) -> PathBuf {
+        self.models.get(m).cloned().unwrap_or_else(|| self.resolve(m))
+    }
+}
+
+/// One input table as the executor hands it over: its files, read on demand.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub id: String,
+    pub schema: SchemaRef,
+    pub files: Vec<PathBuf>,
+}
+
+impl Table {
+    /// Reads every file, in order.
+    pub fn read(&self) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        for f in &self.files {
+            out.extend(crate::io::read_parquet(f)?);
+        }
+        Ok(out)
+    }
+    /// Reads every file into one batch.
+    pub fn read_one(&self) -> Result<RecordBatch> {
+        let batches = self.read()?;
+        Ok(arrow::compute::concat_batches(&self.schema, &batches)?)
+    }
+}
+
+/// What a stage may use at run time.
+pub struct RunCx<'a> {
+    pub stage_id: &'a str,
+    /// The pipeline seed; derive draws from (seed, stage id, prompt_id, sample_idx).
+    pub seed: u64,
+    /// Index of the chunk being processed (PerChunk/PerPrompt), else 0.
+    pub chunk: usize,
+    /// A private directory in the store for caches and checkpoints; survives crashes.
+    pub scratch: &'a Path,
+    pub base_dir: &'a Path,
+    pub models: &'a BTreeMap<String, PathBuf>,
+    /// Reports progress of long stages (units done, units total).
+    pub progress: &'a (dyn Fn(u64, u64) + Sync),
+}
+
+/// What one call of [`Stage::run`] returns.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub batches: Vec<RecordBatch>,
+    /// Drop reason → count (prompts, pairs or rows, as the stage documents).
+    pub drops: BTreeMap<String, u64>,
+    /// Rows read (for the manifest); the executor fills it when left at 0.
+    pub rows_in: u64,
+}
+
+impl Output {
+    pub fn drop(&mut self, reason: &str, n: u64) {
+        if n > 0 {
+            *self.drops.entry(reason.to_string()).or_default() += n;
+        }
+    }
+}
+
+pub trait Stage: Send + Sync {
+    fn mode(&self) -> Mode;
+
+    /// The typed config with defaults filled in, as JSON: hashed into the
+    /// stage's content key, so writing a default explicitly changes nothing.
+    fn config(&self) -> serde_json::Value;
+
+    /// Checks the inputs' schemas and returns the output schema. Reads at most
+    /// file headers; never loads a model.
+    fn plan(&self, cx: &PlanCx, inputs: &[SchemaRef]) -> Result<SchemaRef, Vec<ConfigError>>;
+
+    /// Extra bytes for the stage's content key: digests of files the stage
+    /// reads (source data, model weights). Called at plan time.
+    fn fingerprint(&self, _cx: &PlanCx) -> Result<Vec<u8>, ConfigError> {
+        Ok(Vec::new())
+    }
+
+    /// A file this stage writes outside the store (export); the executor
+    /// checks it still exists before trusting the cache.
+    fn external_output(&self, _cx: &PlanCx) -> Option<PathBuf> {
+        None
+    }
+
+    /// Whether outputs keep all rows of a prompt in one chunk.
+    fn output_aligned(&self, input_aligned: bool) -> bool {
+        input_aligned
+    }
+
+    fn run(&self, cx: &RunCx, inputs: &[Table]) -> Result<Output>;
+}
+
+/// How many `input:` ids a kind takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arity {
+    None,
+    One,
+    Many,
+}
+
+/// One line of the registry: a YAML `kind`.
+pub struct StageKind {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub arity: Arity,
+    /// Builds the stage from its config (the stage's YAML minus id/kind/input).
+    pub build: fn(&serde_json::Value) -> Result<Box<dyn Stage>, Vec<ConfigError>>,
+    /// JSON Schema of the config.
+    pub schema: fn() -> schemars::Schema,
+}
+
+/// Deserializes a typed config, turning serde's error into a located [`ConfigError`].
+pub fn from_config<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, Vec<ConfigError>> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e
+            .path()
+            .iter()
+            .filter_map(|seg| match seg {
+                serde_path_to_error::Segment::Map { key } => Some(PathSeg::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => Some(PathSeg::Index(*index)),
+                _ => None,
+            })
+            .collect();
+        vec![ConfigError { path, message: e.into_inner().to_string() }]
+    })
+}
+
+/// An empty schema, for sinks.
+pub fn empty_schema() -> SchemaRef {
+    Arc::new(Schema::empty())
+}

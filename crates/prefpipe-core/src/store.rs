@@ -1,0 +1,181 @@
+//! The content-addressed run store (default `./.prefpipe/`).
+//!
+//! Layout:
+//!
+//! ```text
+//! <store>/LOCK                                one writer at a time
+//! <store>/run.json                            the last run's manifest
+//! <store>/stages/<id>-<key16>/manifest.json   chunks finished so far
+//! <store>/stages/<id>-<key16>/chunk-000000.parquet
+//! <store>/stages/<id>-<key16>/scratch/        stage-private caches/checkpoints
+//! ```
+//!
+//! A chunk file is written to a temp file and renamed; only then is it
+//! recorded in the manifest (itself written atomically). A crash between the
+//! two leaves a chunk the next run rewrites with the same bytes.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use fs4::fs_std::FileExt;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ChunkRecord {
+    pub file: String,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExternalRecord {
+    pub path: PathBuf,
+    pub blake3: String,
+}
+
+/// What the store knows about one stage key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub id: String,
+    pub kind: String,
+    pub key: String,
+    pub complete: bool,
+    /// Chunks the stage will produce, when known (per-chunk stages).
+    pub n_chunks: Option<usize>,
+    pub chunks: BTreeMap<usize, ChunkRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalRecord>,
+    /// Whether every prompt's rows sit in one chunk.
+    pub aligned: bool,
+}
+
+impl Manifest {
+    pub fn rows_in(&self) -> u64 {
+        self.chunks.values().map(|c| c.rows_in).sum()
+    }
+    pub fn rows_out(&self) -> u64 {
+        self.chunks.values().map(|c| c.rows_out).sum()
+    }
+    pub fn drops(&self) -> BTreeMap<String, u64> {
+        let mut d = BTreeMap::new();
+        for c in self.chunks.values() {
+            for (k, v) in &c.drops {
+                *d.entry(k.clone()).or_default() += v;
+            }
+        }
+        d
+    }
+}
+
+pub struct Store {
+    pub root: PathBuf,
+    _lock: Option<File>,
+}
+
+impl Store {
+    /// Opens the store for writing and takes its lock; a second run on the
+    /// same store gets [`Error::Locked`].
+    pub fn open_locked(root: &Path) -> Result<Store> {
+        std::fs::create_dir_all(root.join("stages")).map_err(|e| Error::io(root, e))?;
+        let lock_path = root.join("LOCK");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        match FileExt::try_lock_exclusive(&f) {
+            Ok(true) => {}
+            Ok(false) => return Err(Error::Locked { path: root.to_path_buf() }),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Error::Locked { path: root.to_path_buf() })
+            }
+            Err(e) => return Err(Error::io(&lock_path, e)),
+        }
+        Ok(Store { root: root.to_path_buf(), _lock: Some(f) })
+    }
+
+    /// Opens the store to read only (plan, query); takes no lock.
+    pub fn open_read(root: &Path) -> Store {
+        Store { root: root.to_path_buf(), _lock: None }
+    }
+
+    pub fn stage_dir(&self, id: &str, key: &str) -> PathBuf {
+        self.root.join("stages").join(format!("{id}-{}", &key[..16.min(key.len())]))
+    }
+
+    pub fn manifest(&self, id: &str, key: &str) -> Result<Option<Manifest>> {
+        let p = self.stage_dir(id, key).join("manifest.json");
+        match std::fs::read(&p) {
+            Ok(bytes) => {
+                let m: Manifest = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Runtime(format!("{}: corrupt manifest: {e}", p.display())))?;
+                Ok((m.key == key).then_some(m))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(p, e)),
+        }
+    }
+
+    pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
+        let dir = self.stage_dir(&m.id, &m.key);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let bytes = serde_json::to_vec_pretty(m).expect("manifest serializes");
+        crate::io::write_atomic(&dir.join("manifest.json"), |f| {
+            use std::io::Write;
+            f.write_all(&bytes).map_err(|e| Error::io(dir.join("manifest.json"), e))
+        })
+    }
+
+    /// Forgets a stage's outputs (for --force).
+    pub fn clear(&self, id: &str, key: &str) -> Result<()> {
+        let dir = self.stage_dir(id, key);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(dir, e)),
+        }
+    }
+
+    /// The chunk files of a finished stage, in chunk order.
+    pub fn chunk_files(&self, m: &Manifest) -> Vec<PathBuf> {
+        let dir = self.stage_dir(&m.id, &m.key);
+        m.chunks.values().map(|c| dir.join(&c.file)).collect()
+    }
+}
+
+pub fn chunk_file_name(i: usize) -> String {
+    format!("chunk-{i:06}.parquet")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open_locked(dir.path()).unwrap();
+        let e = Store::open_locked(dir.path()).err().expect("second lock must fail");
+        assert!(matches!(e, Error::Locked { .. }), "{e}");
+        drop(a);
+        Store::open_locked(dir.path()).expect("lock is released on drop");
+    }
+
+    #[test]
+    fn manifests_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_locked(dir.path()).unwrap();
+        let mut m = Manifest { id: "sel".into(), kind: "select".into(), key: "ab".repeat(32), ..Default::default() };
+        m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in: 5, rows_out: 2, drops: [("tie".to_string(), 1)].into() });
+        s.write_manifest(&m).unwrap();
+        assert_eq!(s.manifest("sel", &m.key).unwrap(), Some(m.clone()));
+        assert_eq!(s.manifest("sel", &"cd".repeat(32)).unwrap(), None);
+        assert_eq!(m.drops()["tie"], 1);
+    }
+}

@@ -1,0 +1,269 @@
+//! The tables of DESIGN §6 as Arrow schemas, and typed column access.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, Float64Array, StringArray, UInt32Array};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+
+use crate::error::{Error, Result};
+use crate::stage::ConfigError;
+
+/// The column families of DESIGN §6.
+pub mod col {
+    pub const PROMPT_ID: &str = "prompt_id";
+    pub const PROMPT: &str = "prompt";
+    pub const SAMPLE_IDX: &str = "sample_idx";
+    pub const RESPONSE: &str = "response";
+    pub const N_TOKENS: &str = "n_tokens";
+    pub const FINISH_REASON: &str = "finish_reason";
+    pub const REWARD: &str = "reward";
+    pub const LOGP_POLICY: &str = "logp_policy";
+    pub const LOGP_REFERENCE: &str = "logp_reference";
+}
+
+/// Columns that describe one sample rather than its prompt; a pairs table
+/// does not carry them through (DESIGN §6: pairs keep the per-prompt columns).
+pub fn is_per_sample(name: &str) -> bool {
+    matches!(
+        name,
+        col::SAMPLE_IDX | col::RESPONSE | col::N_TOKENS | col::FINISH_REASON | col::REWARD | "repeat" | "rank"
+    ) || name.starts_with("reward_")
+        || name.starts_with("logp_")
+}
+
+fn f(name: &str, t: DataType, nullable: bool) -> Field {
+    Field::new(name, t, nullable)
+}
+
+/// The leading columns of every pairs table.
+pub fn pairs_fields() -> Vec<Field> {
+    vec![
+        f("prompt_id", DataType::Utf8, false),
+        f("prompt", DataType::Utf8, false),
+        f("chosen", DataType::Utf8, false),
+        f("rejected", DataType::Utf8, false),
+        f("chosen_idx", DataType::UInt32, false),
+        f("rejected_idx", DataType::UInt32, false),
+        f("chosen_reward", DataType::Float64, false),
+        f("rejected_reward", DataType::Float64, false),
+        f("margin", DataType::Float64, false),
+    ]
+}
+
+pub fn lists_fields() -> Vec<Field> {
+    vec![
+        f("prompt_id", DataType::Utf8, false),
+        f("prompt", DataType::Utf8, false),
+        f("responses", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), false),
+        f("rewards", DataType::List(Arc::new(Field::new("item", DataType::Float64, true))), false),
+    ]
+}
+
+pub fn rankings_schema() -> Schema {
+    Schema::new(vec![
+        f("prompt_id", DataType::Utf8, false),
+        f("sample_idx", DataType::UInt32, false),
+        f("repeat", DataType::UInt32, false),
+        f("rank", DataType::UInt32, false),
+    ])
+}
+
+pub fn metrics_schema() -> Schema {
+    Schema::new(vec![
+        f("step", DataType::UInt64, false),
+        f("loss", DataType::Float64, false),
+        f("reward_accuracy", DataType::Float64, false),
+        f("reward_margin", DataType::Float64, false),
+        f("chosen_logp", DataType::Float64, false),
+        f("rejected_logp", DataType::Float64, false),
+        f("lr", DataType::Float64, false),
+        f("elapsed_s", DataType::Float64, false),
+    ])
+}
+
+pub fn prompts_fields() -> Vec<Field> {
+    vec![f("prompt_id", DataType::Utf8, false), f("prompt", DataType::Utf8, false)]
+}
+
+pub fn samples_fields() -> Vec<Field> {
+    let mut v = prompts_fields();
+    v.extend([
+        f("sample_idx", DataType::UInt32, false),
+        f("response", DataType::Utf8, false),
+        f("n_tokens", DataType::UInt32, false),
+        f("finish_reason", DataType::Utf8, false),
+    ]);
+    v
+}
+
+pub fn scored_fields() -> Vec<Field> {
+    let mut v = samples_fields();
+    v.push(f("reward", DataType::Float64, true));
+    v
+}
+
+/// What kind of column a stage needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// utf8 (or large/view utf8).
+    Text,
+    /// Any numeric type (read as f64).
+    Number,
+    /// Any integer type (read as u32).
+    Integer,
+}
+
+impl Need {
+    fn accepts(self, t: &DataType) -> bool {
+        match self {
+            Need::Text => matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View),
+            Need::Number => t.is_numeric(),
+            Need::Integer => t.is_integer(),
+        }
+    }
+    fn describe(self) -> &'static str {
+        match self {
+            Need::Text => "a string column",
+            Need::Number => "a numeric column",
+            Need::Integer => "an integer column",
+        }
+    }
+}
+
+/// Plan-time check that `schema` has column `name` of the right kind.
+pub fn require(schema: &Schema, input: &str, name: &str, need: Need) -> Result<(), ConfigError> {
+    match schema.field_with_name(name) {
+        Ok(field) if need.accepts(field.data_type()) => Ok(()),
+        Ok(field) => Err(ConfigError::new(format!(
+            "column `{name}` of input `{input}` must be {}; it is {}",
+            need.describe(),
+            field.data_type()
+        ))),
+        Err(_) => {
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            let hint = crate::error::closest(name, names.iter().copied())
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            Err(ConfigError::new(format!(
+                "input `{input}` has no column `{name}`{hint} (it has: {})",
+                names.join(", ")
+            )))
+        }
+    }
+}
+
+fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
+    b.column_by_name(name)
+        .ok_or_else(|| Error::Input(format!("missing column `{name}`")))
+}
+
+/// A column as Float64 (cast from any numeric type).
+pub fn f64_col(b: &RecordBatch, name: &str) -> Result<Float64Array> {
+    let a = cast(column(b, name)?, &DataType::Float64)?;
+    Ok(a.as_any().downcast_ref::<Float64Array>().expect("cast to f64").clone())
+}
+
+/// A column as Utf8.
+pub fn str_col(b: &RecordBatch, name: &str) -> Result<StringArray> {
+    let a = cast(column(b, name)?, &DataType::Utf8)?;
+    Ok(a.as_any().downcast_ref::<StringArray>().expect("cast to utf8").clone())
+}
+
+/// A column as UInt32 (negative or too-large values are an input error).
+pub fn u32_col(b: &RecordBatch, name: &str) -> Result<UInt32Array> {
+    let src = column(b, name)?;
+    let opts = arrow::compute::CastOptions { safe: false, ..Default::default() };
+    let a = arrow::compute::cast_with_options(src, &DataType::UInt32, &opts)
+        .map_err(|e| Error::Input(format!("column `{name}`: {e}")))?;
+    let a = a.as_any().downcast_ref::<UInt32Array>().expect("cast to u32").clone();
+    if a.null_count() > 0 {
+        return Err(Error::Input(format!("column `{name}` has null values")));
+    }
+    Ok(a)
+}
+
+/// Appends fields to a schema (a stage adding columns).
+pub fn with_fields(schema: &Schema, extra: impl IntoIterator<Item = Field>) -> SchemaRef {
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.extend(extra);
+    Arc::new(Schema::new(fields))
+}
+
+/// JSON Schema (draft 2020-12) of a table, for `schemas/`.
+pub fn json_schema(title: &str, description: &str, schema: &Schema, open: bool) -> serde_json::Value {
+    let mut props = serde_json::Map::new();
+    let mut required = Vec::new();
+    for field in schema.fields() {
+        props.insert(field.name().clone(), type_schema(field));
+        if !field.is_nullable() {
+            required.push(serde_json::Value::String(field.name().clone()));
+        }
+    }
+    serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": title,
+        "description": description,
+        "type": "object",
+        "properties": props,
+        "required": required,
+        "additionalProperties": open,
+    })
+}
+
+fn type_schema(field: &Field) -> serde_json::Value {
+    let arrow_type = field.data_type().to_string();
+    let base = match field.data_type() {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => serde_json::json!({"type": "string"}),
+        DataType::Float32 | DataType::Float64 => serde_json::json!({"type": "number"}),
+        t if t.is_unsigned_integer() => serde_json::json!({"type": "integer", "minimum": 0}),
+        t if t.is_integer() => serde_json::json!({"type": "integer"}),
+        DataType::Boolean => serde_json::json!({"type": "boolean"}),
+        DataType::List(item) => serde_json::json!({"type": "array", "items": type_schema(item)}),
+        _ => serde_json::json!({}),
+    };
+    let mut o = base.as_object().cloned().unwrap_or_default();
+    o.insert("x-arrow-type".into(), arrow_type.into());
+    if field.is_nullable() {
+        if let Some(t) = o.get("type").cloned() {
+            o.insert("type".into(), serde_json::json!([t, "null"]));
+        }
+    }
+    serde_json::Value::Object(o)
+}
+
+/// Every table of DESIGN §6: (name, description, schema, open to extra columns).
+pub fn all_tables() -> Vec<(&'static str, &'static str, Schema, bool)> {
+    vec![
+        ("prompts", "Prompts from a source stage; extra columns are carried through.", Schema::new(prompts_fields()), true),
+        ("samples", "Prompts + N generated samples each.", Schema::new(samples_fields()), true),
+        ("scored", "Samples + reward columns (`reward`, `reward_<name>`).", Schema::new(scored_fields()), true),
+        ("rankings", "Repeated rankings of samples (1 = best; ties share the lowest rank).", rankings_schema(), false),
+        ("pairs", "Chosen/rejected pairs from a select stage; strategy columns and per-prompt columns follow.", Schema::new(pairs_fields()), true),
+        ("lists", "Ranked lists for LiPO (sorted by reward, best first).", Schema::new(lists_fields()), true),
+        ("metrics", "Training metrics per optimizer step.", metrics_schema(), false),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn require_names_the_problem() {
+        let s = Schema::new(vec![Field::new("rewrd", DataType::Float64, true), Field::new("prompt", DataType::Int64, true)]);
+        let e = require(&s, "src", "reward", Need::Number).unwrap_err();
+        assert!(e.message.contains("no column `reward`; did you mean `rewrd`?"), "{}", e.message);
+        let e = require(&s, "src", "prompt", Need::Text).unwrap_err();
+        assert!(e.message.contains("must be a string column; it is Int64"), "{}", e.message);
+        assert!(require(&s, "src", "rewrd", Need::Number).is_ok());
+    }
+
+    #[test]
+    fn per_sample_columns() {
+        assert!(is_per_sample("reward_helpful"));
+        assert!(is_per_sample("response"));
+        assert!(!is_per_sample("category"));
+    }
+}
