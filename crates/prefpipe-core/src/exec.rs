@@ -185,7 +185,7 @@ fn run_stage(
     };
     let per_chunk = match s.mode {
         Mode::PerChunk => true,
-        Mode::PerPrompt => inputs[0].1.aligned,
+        Mode::PerPrompt => inputs.len() == 1 && inputs[0].1.aligned,
         _ => false,
     };
     let resumed = !m.chunks.is_empty();

@@ -1,1 +1,99 @@
-//! prefpipe-select
+//! Selection and filtering strategies from the preference-data literature,
+//! exactly as DESIGN §7 defines them.
+//!
+//! A strategy is one file here plus one line in [`SELECT`] or [`FILTER`].
+//! Each file holds the math as pure functions over one prompt's candidates
+//! (tested on hand-computed vectors) and a thin adapter from Arrow batches.
+//!
+//! Conventions shared by every strategy (DESIGN §7):
+//! - rows with a non-finite reward are dropped first (`non_finite_reward`, counted in rows);
+//! - ties between candidates break toward the lowest `sample_idx`;
+//! - a pair is emitted only when `chosen_reward > rejected_reward`, otherwise
+//!   the prompt is dropped as `tie`;
+//! - prompts with fewer than two usable samples are dropped as `too_few_samples`.
+
+use arrow::datatypes::{Schema, SchemaRef};
+
+use arrow::record_batch::RecordBatch;
+use prefpipe_core::stage::{ConfigError, Mode, Output};
+use prefpipe_core::Result;
+
+pub mod groups;
+pub mod pairs;
+
+pub mod max_min;
+pub mod reward_points;
+
+/// Why a prompt, pair or row was dropped; the names appear in `run.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// Fewer than two samples with a finite reward (counted in prompts).
+    TooFewSamples,
+    /// No pair with `chosen_reward > rejected_reward` (counted in prompts, or pairs for `all_points`).
+    Tie,
+    /// A non-finite reward (counted in rows).
+    NonFiniteReward,
+    /// Below a strategy's threshold (counted in prompts or pairs).
+    BelowThreshold,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::TooFewSamples => "too_few_samples",
+            DropReason::Tie => "tie",
+            DropReason::NonFiniteReward => "non_finite_reward",
+            DropReason::BelowThreshold => "below_threshold",
+        }
+    }
+}
+
+/// A configured strategy, run by the `select` or `filter` stage.
+pub trait Strategy: Send + Sync {
+    /// The typed config with defaults, for the stage's content key.
+    fn config(&self) -> serde_json::Value;
+    /// `PerPrompt` when each prompt is decided alone; `Whole` for corpus-level rules.
+    fn mode(&self) -> Mode;
+    /// Checks the input columns; returns the output schema. `inputs` are the
+    /// stage's inputs in `input:` order (most strategies take exactly one;
+    /// use [`one_input`]).
+    fn plan(&self, inputs: &[Input]) -> Result<SchemaRef, Vec<ConfigError>>;
+    /// Runs over all rows of one unit (a prompt-aligned chunk, or the whole
+    /// input), one batch per input.
+    fn run(&self, inputs: &[RecordBatch], schema: &SchemaRef) -> Result<Output>;
+}
+
+/// An input's id and schema, at plan time.
+pub struct Input<'a> {
+    pub id: &'a str,
+    pub schema: &'a Schema,
+}
+
+/// The single input of a one-input strategy, or a config error.
+pub fn one_input<'a>(name: &str, inputs: &'a [Input<'a>]) -> Result<&'a Input<'a>, Vec<ConfigError>> {
+    match inputs {
+        [one] => Ok(one),
+        _ => Err(vec![ConfigError::at("input", format!("strategy `{name}` reads exactly one input; got {}", inputs.len()))]),
+    }
+}
+
+/// One registry line: a strategy name, what it is, how to build it.
+pub struct StrategyKind {
+    pub name: &'static str,
+    /// The paper it follows, for `prefpipe` docs.
+    pub about: &'static str,
+    /// Builds from the stage config minus `strategy` (and the stage's own keys).
+    pub build: fn(&serde_json::Value) -> Result<Box<dyn Strategy>, Vec<ConfigError>>,
+    pub schema: fn() -> schemars::Schema,
+}
+
+/// Strategies of the `select` stage (scored samples → pairs or lists).
+pub const SELECT: &[StrategyKind] = &[max_min::KIND, reward_points::KIND];
+
+/// Strategies of the `filter` stage (pairs → fewer pairs).
+pub const FILTER: &[StrategyKind] = &[];
+
+/// Builds a typed strategy config with the shared error handling.
+pub fn build_config<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, Vec<ConfigError>> {
+    prefpipe_core::stage::from_config(v)
+}

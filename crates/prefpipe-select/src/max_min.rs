@@ -1,0 +1,90 @@
+//! `max_min`: chosen = argmax reward, rejected = argmin reward — the
+//! RLHFlow recipe and SimPO's baseline (DESIGN §7).
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use prefpipe_core::stage::{ConfigError, Mode, Output};
+use prefpipe_core::Result;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::groups::{argmax_by, argmin_by, candidates, group_rows, Candidate};
+use crate::pairs::{self, PairRows};
+use crate::{one_input, DropReason, Input, Strategy, StrategyKind};
+
+pub const KIND: StrategyKind = StrategyKind {
+    name: "max_min",
+    about: "chosen = highest reward, rejected = lowest (RLHFlow; SimPO baseline)",
+    build: |v| Ok(Box::new(crate::build_config::<MaxMin>(v)?)),
+    schema: || schemars::schema_for!(MaxMin),
+};
+
+/// `strategy: max_min` takes no parameters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaxMin {}
+
+/// Picks (chosen, rejected) positions in `c`, or why the prompt is dropped.
+pub fn pick(c: &[Candidate]) -> Result<(usize, usize), DropReason> {
+    if c.len() < 2 {
+        return Err(DropReason::TooFewSamples);
+    }
+    let hi = argmax_by(c, |c| c.reward);
+    let lo = argmin_by(c, |c| c.reward);
+    if c[hi].reward > c[lo].reward {
+        Ok((hi, lo))
+    } else {
+        Err(DropReason::Tie)
+    }
+}
+
+impl Strategy for MaxMin {
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("serializes")
+    }
+    fn mode(&self) -> Mode {
+        Mode::PerPrompt
+    }
+    fn plan(&self, inputs: &[Input]) -> Result<SchemaRef, Vec<ConfigError>> {
+        let input = one_input(KIND.name, inputs)?;
+        pairs::pairs_schema(input.schema, input.id, Vec::new())
+    }
+    fn run(&self, inputs: &[RecordBatch], schema: &SchemaRef) -> Result<Output> {
+        let input = &inputs[0];
+        let groups = group_rows(input)?;
+        let (cands, non_finite) = candidates(input, &groups, "reward")?;
+        let picks: Vec<_> = cands.par_iter().map(|c| pick(c).map(|(a, b)| (c[a].row, c[b].row))).collect();
+        let mut out = Output::default();
+        out.drop(DropReason::NonFiniteReward.as_str(), non_finite);
+        let mut rows = PairRows::default();
+        for p in picks {
+            match p {
+                Ok((a, b)) => rows.push(a, b),
+                Err(r) => out.drop(r.as_str(), 1),
+            }
+        }
+        out.batches.push(pairs::build(input, schema, &rows, Vec::new())?);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::groups::testing::cands;
+
+    #[test]
+    fn picks_extremes() {
+        // rewards [0.2, 1.5, -0.7, 1.5]: max 1.5 at idx 1 and 3 → lowest idx 1; min -0.7 at idx 2.
+        assert_eq!(pick(&cands(&[0.2, 1.5, -0.7, 1.5])), Ok((1, 2)));
+    }
+
+    #[test]
+    fn drops_ties_and_singletons() {
+        // all equal: argmax = argmin = idx 0, chosen_reward > rejected_reward fails → tie.
+        assert_eq!(pick(&cands(&[2.0, 2.0, 2.0])), Err(DropReason::Tie));
+        // n = 1 → too_few_samples.
+        assert_eq!(pick(&cands(&[2.0])), Err(DropReason::TooFewSamples));
+        assert_eq!(pick(&cands(&[])), Err(DropReason::TooFewSamples));
+    }
+}
