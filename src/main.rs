@@ -1,1 +1,174 @@
-fn main() {}
+//! The `prefpipe` command line. `anyhow` lives only here; library errors are
+//! flattened to one line each, and the exit code says what went wrong:
+//! 0 success, 1 a stage failed at run time, 2 invalid pipeline, arguments or input.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use prefpipe_core::exec::{self, RunOptions};
+use prefpipe_core::store::Store;
+use prefpipe_core::{plan, spec, Error};
+
+mod inspect;
+mod progress;
+mod query;
+mod schemas;
+
+#[derive(Parser)]
+#[command(name = "prefpipe", version, about = "Build preference datasets for LLM post-training, and train on them")]
+struct Cli {
+    /// Log format for progress and results on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a pipeline; finished stages are reused, interrupted ones resume.
+    Run {
+        pipeline: PathBuf,
+        /// The run store (content-addressed outputs, manifests, lock).
+        #[arg(long, default_value = ".prefpipe")]
+        store: PathBuf,
+        /// Override a stage setting: STAGE.KEY=VALUE (KEY may be dotted).
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
+        /// Run only this stage and the stages it needs.
+        #[arg(long)]
+        until: Option<String>,
+        /// Recompute this stage and everything downstream.
+        #[arg(long)]
+        force: Vec<String>,
+    },
+    /// Check a pipeline; print every problem with its line:col.
+    Validate {
+        pipeline: PathBuf,
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Show the stages in run order with their status in the store.
+    Plan {
+        pipeline: PathBuf,
+        #[arg(long, default_value = ".prefpipe")]
+        store: PathBuf,
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Run SQL (DataFusion) over a pipeline's finished stages or Parquet files.
+    Query {
+        sql: String,
+        /// Register every finished stage of this pipeline under its id.
+        #[arg(long)]
+        pipeline: Vec<PathBuf>,
+        /// Register a Parquet file: NAME=FILE.
+        #[arg(long = "table", value_name = "NAME=FILE")]
+        tables: Vec<String>,
+        #[arg(long, default_value = ".prefpipe")]
+        store: PathBuf,
+        #[arg(long, value_enum, default_value_t = query::OutFormat::Table)]
+        format: query::OutFormat,
+        /// Write the result here instead of stdout (required for parquet).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Schema, row count, column statistics and reward histograms of a Parquet file.
+    Inspect { file: PathBuf },
+    /// Write the JSON Schemas of the pipeline YAML and of every table.
+    Schema {
+        #[arg(long, default_value = "schemas")]
+        out: PathBuf,
+    },
+    /// List stage kinds and strategies.
+    Kinds,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.downcast_ref::<Error>().map(Error::exit_code).unwrap_or(2);
+            let msg = match e.downcast_ref::<Error>() {
+                Some(Error::Invalid(d)) => d.iter().map(|d| format!("error: {d}")).collect::<Vec<_>>().join("\n"),
+                _ => format!("error: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")),
+            };
+            let _ = writeln!(std::io::stderr(), "{msg}");
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+/// Loads a pipeline with `--set` overrides and plans it.
+fn load_plan(path: &Path, sets: &[String]) -> anyhow::Result<plan::Plan> {
+    let mut s = spec::load(path)?;
+    for a in sets {
+        s.set(a)?;
+    }
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok(plan::build(s, base, prefpipe_stages::KINDS)?)
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Run { pipeline, store, sets, until, force } => {
+            let plan = load_plan(&pipeline, &sets)?;
+            let store = Store::open_locked(&store)?;
+            let reporter = progress::Reporter::new(cli.log_format);
+            let report = exec::run(&plan, &store, &RunOptions { until, force }, &reporter)?;
+            reporter.finish(&report, &store.root.join("run.json"));
+            Ok(())
+        }
+        Cmd::Validate { pipeline, sets } => {
+            let plan = load_plan(&pipeline, &sets)?;
+            println!("{}: ok ({} stages)", pipeline.display(), plan.stages.len());
+            Ok(())
+        }
+        Cmd::Plan { pipeline, store, sets } => {
+            let plan = load_plan(&pipeline, &sets)?;
+            let rows = exec::status(&plan, &Store::open_read(&store))?;
+            let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+            let k = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+            for (id, kind, status) in rows {
+                println!("{id:<w$}  {kind:<k$}  {status}");
+            }
+            Ok(())
+        }
+        Cmd::Query { sql, pipeline, tables, store, format, out } => {
+            let mut registered = Vec::new();
+            for p in &pipeline {
+                let plan = load_plan(p, &[])?;
+                registered.extend(exec::finished_tables(&plan, &Store::open_read(&store))?);
+            }
+            for t in &tables {
+                registered.push(query::file_table(t)?);
+            }
+            query::run(&sql, &registered, format, out.as_deref())
+        }
+        Cmd::Inspect { file } => inspect::run(&file),
+        Cmd::Schema { out } => schemas::write(&out),
+        Cmd::Kinds => {
+            for k in prefpipe_stages::KINDS {
+                println!("{:<8} {}", k.name, k.about);
+            }
+            println!("\nselect strategies:");
+            for s in prefpipe_select::SELECT {
+                println!("  {:<16} {}", s.name, s.about);
+            }
+            println!("\nfilter strategies:");
+            for s in prefpipe_select::FILTER {
+                println!("  {:<16} {}", s.name, s.about);
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,1 +1,15 @@
-//! prefpipe-stages
+//! prefpipe-stages: one file per YAML `kind`, and the one registry list.
+//!
+//! Adding a stage kind = one file here + one line in [`KINDS`].
+
+use prefpipe_core::stage::StageKind;
+
+pub mod export;
+pub mod filter;
+pub mod select;
+pub mod source;
+pub mod sql;
+mod strategy_stage;
+
+/// Every stage kind, in the order `prefpipe` documents them.
+pub const KINDS: &[StageKind] = &[source::KIND, select::KIND, filter::KIND, sql::KIND, export::KIND];
