@@ -18,11 +18,16 @@ use arrow::record_batch::RecordBatch;
 use prefpipe_core::stage::{ConfigError, Mode, Output};
 use prefpipe_core::Result;
 
+pub mod corpus;
 pub mod groups;
 pub mod pairs;
 
 pub mod max_min;
 pub mod reward_points;
+pub mod small_margin;
+
+#[cfg(test)]
+mod testkit;
 
 /// Why a prompt, pair or row was dropped; the names appear in `run.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -35,6 +40,12 @@ pub enum DropReason {
     NonFiniteReward,
     /// Below a strategy's threshold (counted in prompts or pairs).
     BelowThreshold,
+    /// A non-finite or null `logp_policy`/`logp_reference` (counted in rows).
+    NonFiniteLogp,
+    /// Outside a `band: [lo, hi]` (counted in pairs).
+    OutsideBand,
+    /// Among the highest scores a strategy drops, e.g. CHES (counted in pairs).
+    AboveThreshold,
 }
 
 impl DropReason {
@@ -44,6 +55,9 @@ impl DropReason {
             DropReason::Tie => "tie",
             DropReason::NonFiniteReward => "non_finite_reward",
             DropReason::BelowThreshold => "below_threshold",
+            DropReason::NonFiniteLogp => "non_finite_logp",
+            DropReason::OutsideBand => "outside_band",
+            DropReason::AboveThreshold => "above_threshold",
         }
     }
 }
@@ -88,7 +102,7 @@ pub struct StrategyKind {
 }
 
 /// Strategies of the `select` stage (scored samples → pairs or lists).
-pub const SELECT: &[StrategyKind] = &[max_min::KIND, reward_points::KIND];
+pub const SELECT: &[StrategyKind] = &[max_min::KIND, reward_points::KIND, small_margin::KIND];
 
 /// Strategies of the `filter` stage (pairs → fewer pairs).
 pub const FILTER: &[StrategyKind] = &[];
