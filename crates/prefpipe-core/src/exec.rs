@@ -178,6 +178,7 @@ fn run_stage(
         stage_id: &s.id,
         seed: plan.spec.seed,
         chunk,
+        chunk_size: plan.spec.chunk_size,
         scratch: &scratch,
         base_dir: &plan.base_dir,
         models: &plan.models,
@@ -188,13 +189,15 @@ fn run_stage(
         Mode::PerPrompt => inputs.len() == 1 && inputs[0].1.aligned,
         _ => false,
     };
-    let resumed = !m.chunks.is_empty();
+    // Only per-chunk stages resume; the others start over.
+    let resumed = per_chunk && !m.chunks.is_empty();
     if per_chunk {
         let (input, input_m) = &inputs[0];
         let n = input.files.len();
         m.n_chunks = Some(n);
         // Chunks recorded under an older layout are dropped.
         m.chunks.retain(|k, _| *k < n);
+        store.write_manifest(&m)?;
         reporter.stage_started(&s.id, &s.kind, if resumed { "resumed" } else { "running" }, n as u64);
         for (c, file) in input.files.iter().enumerate() {
             if m.chunks.contains_key(&c) && dir.join(chunk_file_name(c)).exists() {
@@ -206,8 +209,9 @@ fn run_stage(
             let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
             check_schema(&s.schema, &out.batches)?;
             crate::io::write_parquet(&dir.join(chunk_file_name(c)), &s.schema, &out.batches)?;
-            m.chunks.insert(c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out, drops: out.drops });
-            store.write_manifest(&m)?;
+            let rec = ChunkRecord { file: chunk_file_name(c), rows_in, rows_out, drops: out.drops };
+            store.record_chunk(&m, c, &rec)?;
+            m.chunks.insert(c, rec);
             reporter.progress(&s.id, m.chunks.len() as u64, n as u64);
         }
     } else {

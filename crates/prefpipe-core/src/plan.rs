@@ -81,7 +81,9 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
     let file = spec.file.clone();
     let mut errs: Vec<Diagnostic> = Vec::new();
     let located = |s: &StageSpec, e: ConfigError| Diagnostic {
-        location: s.config.locate(&e.path).location(&file),
+        // An unknown field points at its key, anything else at the value.
+        location: if e.message.starts_with("unknown field") { s.config.locate_key(&e.path) } else { s.config.locate(&e.path) }
+            .location(&file),
         stage: Some(s.id.clone()),
         message: e.message,
     };

@@ -104,6 +104,8 @@ pub struct RunCx<'a> {
     pub seed: u64,
     /// Index of the chunk being processed (PerChunk/PerPrompt), else 0.
     pub chunk: usize,
+    /// Prompts per chunk (sources split their output by it).
+    pub chunk_size: usize,
     /// A private directory in the store for caches and checkpoints; survives crashes.
     pub scratch: &'a Path,
     pub base_dir: &'a Path,

@@ -109,19 +109,49 @@ impl Store {
         self.root.join("stages").join(format!("{id}-{}", &key[..16.min(key.len())]))
     }
 
+    /// The stage's manifest: `manifest.json`, plus the chunk records written
+    /// since (one small file per finished chunk, so recording a chunk costs
+    /// O(1) however many chunks came before).
     pub fn manifest(&self, id: &str, key: &str) -> Result<Option<Manifest>> {
-        let p = self.stage_dir(id, key).join("manifest.json");
-        match std::fs::read(&p) {
-            Ok(bytes) => {
-                let m: Manifest = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::Runtime(format!("{}: corrupt manifest: {e}", p.display())))?;
-                Ok((m.key == key).then_some(m))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(p, e)),
+        let dir = self.stage_dir(id, key);
+        let p = dir.join("manifest.json");
+        let mut m: Manifest = match std::fs::read(&p) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Runtime(format!("{}: corrupt manifest: {e}", p.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(p, e)),
+        };
+        if m.key != key {
+            return Ok(None);
         }
+        if !m.complete {
+            let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+            for entry in rd.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(n) = name.strip_prefix("chunk-").and_then(|r| r.strip_suffix(".json")) else { continue };
+                let Ok(c) = n.parse::<usize>() else { continue };
+                let bytes = std::fs::read(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+                if let Ok(rec) = serde_json::from_slice::<ChunkRecord>(&bytes) {
+                    if dir.join(&rec.file).exists() {
+                        m.chunks.insert(c, rec);
+                    }
+                }
+            }
+        }
+        Ok(Some(m))
     }
 
+    /// Records one finished chunk (after its Parquet file is in place).
+    pub fn record_chunk(&self, m: &Manifest, c: usize, rec: &ChunkRecord) -> Result<()> {
+        let path = self.stage_dir(&m.id, &m.key).join(format!("chunk-{c:06}.json"));
+        let bytes = serde_json::to_vec(rec).expect("record serializes");
+        crate::io::write_atomic(&path, |f| {
+            use std::io::Write;
+            f.write_all(&bytes).map_err(|e| Error::io(&path, e))
+        })
+    }
+
+    /// Writes `manifest.json`; once complete, the per-chunk records are folded in and removed.
     pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
         let dir = self.stage_dir(&m.id, &m.key);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -129,7 +159,13 @@ impl Store {
         crate::io::write_atomic(&dir.join("manifest.json"), |f| {
             use std::io::Write;
             f.write_all(&bytes).map_err(|e| Error::io(dir.join("manifest.json"), e))
-        })
+        })?;
+        if m.complete {
+            for c in m.chunks.keys() {
+                let _ = std::fs::remove_file(dir.join(format!("chunk-{c:06}.json")));
+            }
+        }
+        Ok(())
     }
 
     /// Forgets a stage's outputs (for --force).
@@ -172,7 +208,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open_locked(dir.path()).unwrap();
         let mut m = Manifest { id: "sel".into(), kind: "select".into(), key: "ab".repeat(32), ..Default::default() };
-        m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in: 5, rows_out: 2, drops: [("tie".to_string(), 1)].into() });
+        s.write_manifest(&m).unwrap();
+        let rec = ChunkRecord { file: chunk_file_name(0), rows_in: 5, rows_out: 2, drops: [("tie".to_string(), 1)].into() };
+        // A recorded chunk counts only once its Parquet file exists.
+        s.record_chunk(&m, 0, &rec).unwrap();
+        assert!(s.manifest("sel", &m.key).unwrap().unwrap().chunks.is_empty());
+        std::fs::write(s.stage_dir("sel", &m.key).join(chunk_file_name(0)), b"x").unwrap();
+        m.chunks.insert(0, rec);
+        assert_eq!(s.manifest("sel", &m.key).unwrap(), Some(m.clone()));
+        m.complete = true;
         s.write_manifest(&m).unwrap();
         assert_eq!(s.manifest("sel", &m.key).unwrap(), Some(m.clone()));
         assert_eq!(s.manifest("sel", &"cd".repeat(32)).unwrap(), None);

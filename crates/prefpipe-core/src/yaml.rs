@@ -126,6 +126,15 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Like [`Node::locate`], but for a path ending in a mapping key, the key's node.
+    pub fn locate_key(&self, path: &[PathSeg]) -> &Node {
+        let Some((PathSeg::Key(k), parent)) = path.split_last() else { return self.locate(path) };
+        let p = self.locate(parent);
+        p.key(k).unwrap_or(p)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum PathSeg {
     Key(String),

@@ -1,0 +1,6 @@
+//! End-to-end tests: the `prefpipe` binary on real files (one test binary).
+
+mod bad_input;
+mod cli;
+mod common;
+mod resume;
