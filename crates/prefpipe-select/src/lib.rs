@@ -24,6 +24,7 @@ pub mod pairs;
 
 pub mod max_min;
 pub mod reward_points;
+pub mod repeat_ranking;
 pub mod small_margin;
 
 #[cfg(test)]
@@ -102,7 +103,7 @@ pub struct StrategyKind {
 }
 
 /// Strategies of the `select` stage (scored samples → pairs or lists).
-pub const SELECT: &[StrategyKind] = &[max_min::KIND, reward_points::KIND, small_margin::KIND];
+pub const SELECT: &[StrategyKind] = &[max_min::KIND, reward_points::KIND, small_margin::KIND, repeat_ranking::KIND];
 
 /// Strategies of the `filter` stage (pairs → fewer pairs).
 pub const FILTER: &[StrategyKind] = &[];
