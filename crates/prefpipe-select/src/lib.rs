@@ -24,6 +24,7 @@ pub mod pairs;
 
 pub mod max_min;
 pub mod reward_points;
+pub mod listwise;
 pub mod repeat_ranking;
 pub mod small_margin;
 
@@ -103,7 +104,7 @@ pub struct StrategyKind {
 }
 
 /// Strategies of the `select` stage (scored samples → pairs or lists).
-pub const SELECT: &[StrategyKind] = &[max_min::KIND, reward_points::KIND, small_margin::KIND, repeat_ranking::KIND];
+pub const SELECT: &[StrategyKind] = &[max_min::KIND, reward_points::KIND, small_margin::KIND, repeat_ranking::KIND, listwise::KIND];
 
 /// Strategies of the `filter` stage (pairs → fewer pairs).
 pub const FILTER: &[StrategyKind] = &[];

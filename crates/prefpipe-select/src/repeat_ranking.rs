@@ -154,6 +154,9 @@ pub fn borda(ranks: &[Vec<u32>]) -> Vec<f64> {
     total
 }
 
+/// One prompt's pick, or why it is dropped (with its W when it has one, for the quantile).
+pub type Outcome = Result<Pick, (DropReason, Option<f64>)>;
+
 /// One prompt's result.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pick {
@@ -168,7 +171,7 @@ pub struct Pick {
 /// Kendall's W and the Borda pair of one prompt. `ranks[b][i]` is the rank
 /// of item i in ballot b; items are ordered by sample_idx, so the lowest
 /// position wins ties. Returns W alongside a tie, for the quantile.
-pub fn pick(ranks: &[Vec<u32>]) -> Result<Pick, (DropReason, Option<f64>)> {
+pub fn pick(ranks: &[Vec<u32>]) -> Outcome {
     let Some(w) = kendall_w(ranks) else {
         return Err((DropReason::TooFewSamples, None));
     };
@@ -353,7 +356,7 @@ impl Strategy for RepeatRanking {
                 .collect(),
             Source::Table(_) => cands,
         };
-        let results: Vec<Result<Result<Pick, (DropReason, Option<f64>)>>> = cands
+        let results: Vec<Result<Outcome>> = cands
             .par_iter()
             .enumerate()
             .map(|(g, c)| {
@@ -518,7 +521,7 @@ mod tests {
     #[test]
     fn rankers_columns_end_to_end() {
         let b = three_prompts();
-        let out = testkit::run(&cfg(json!({"rankers": ["j1", "j2"]})), &[b.clone()]).unwrap();
+        let out = testkit::run(&cfg(json!({"rankers": ["j1", "j2"]})), std::slice::from_ref(&b)).unwrap();
         let o = testkit::one(&out);
         assert_eq!(col_strings(&o, "prompt_id"), ["a", "c"]);
         assert_eq!(col_strings(&o, "chosen_idx"), ["0", "2"]);
