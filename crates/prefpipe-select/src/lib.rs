@@ -25,6 +25,7 @@ pub mod pairs;
 pub mod max_min;
 pub mod reward_points;
 pub mod listwise;
+pub mod margin;
 pub mod repeat_ranking;
 pub mod small_margin;
 
@@ -107,7 +108,7 @@ pub struct StrategyKind {
 pub const SELECT: &[StrategyKind] = &[max_min::KIND, reward_points::KIND, small_margin::KIND, repeat_ranking::KIND, listwise::KIND];
 
 /// Strategies of the `filter` stage (pairs → fewer pairs).
-pub const FILTER: &[StrategyKind] = &[];
+pub const FILTER: &[StrategyKind] = &[margin::KIND];
 
 /// Builds a typed strategy config with the shared error handling.
 pub fn build_config<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, Vec<ConfigError>> {
