@@ -153,8 +153,13 @@ impl ModelConfig {
         let (family, head, architecture) = raw.architecture()?;
         let hidden_size = raw.usize_req("hidden_size")?;
         let num_attention_heads = raw.usize_req("num_attention_heads")?;
-        let num_key_value_heads = raw.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads);
-        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        let num_key_value_heads = raw
+            .usize_opt("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
             return Err(raw.invalid(
                 "num_key_value_heads",
                 format!("a positive divisor of num_attention_heads ({num_attention_heads})"),
@@ -171,7 +176,10 @@ impl ModelConfig {
             return Err(raw.invalid("head_dim", "a positive even number", &Value::from(head_dim)));
         }
 
-        if let Some(act) = raw.get("hidden_act").or_else(|| raw.get("hidden_activation")) {
+        if let Some(act) = raw
+            .get("hidden_act")
+            .or_else(|| raw.get("hidden_activation"))
+        {
             if act.as_str() != Some("silu") {
                 return Err(Error::Unsupported {
                     path: path.to_path_buf(),
@@ -186,7 +194,12 @@ impl ModelConfig {
 
         let attention_bias = raw.bool_opt("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias, qk_norm) = match family {
-            Family::Llama => (attention_bias, attention_bias, raw.bool_opt("mlp_bias")?.unwrap_or(false), false),
+            Family::Llama => (
+                attention_bias,
+                attention_bias,
+                raw.bool_opt("mlp_bias")?.unwrap_or(false),
+                false,
+            ),
             Family::Mistral => (false, false, false, false),
             // Qwen2 hard-codes bias=True on q/k/v and none on o_proj.
             Family::Qwen2 => (true, false, false, false),
@@ -314,7 +327,10 @@ impl Raw<'_> {
 
     fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
         self.get(key)
-            .map(|v| v.as_bool().ok_or_else(|| self.invalid(key, "true or false", v)))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| self.invalid(key, "true or false", v))
+            })
             .transpose()
     }
 
@@ -336,13 +352,18 @@ impl Raw<'_> {
                 None => return Err(self.invalid("architectures", "a list of class names", &a[0])),
             },
             Some(Value::Array(_)) | None => None,
-            Some(other) => return Err(self.invalid("architectures", "a list of class names", other)),
+            Some(other) => {
+                return Err(self.invalid("architectures", "a list of class names", other))
+            }
         };
         let (family, head, architecture) = match arch {
             Some(arch) => {
                 let family = Family::ALL
                     .into_iter()
-                    .find(|f| arch.strip_prefix(f.class_prefix()).is_some_and(|rest| rest.starts_with("For")))
+                    .find(|f| {
+                        arch.strip_prefix(f.class_prefix())
+                            .is_some_and(|rest| rest.starts_with("For"))
+                    })
                     .ok_or_else(|| unsupported("architecture", arch.clone()))?;
                 let head = match &arch[family.class_prefix().len()..] {
                     "ForCausalLM" => HeadKind::CausalLm,
@@ -354,15 +375,26 @@ impl Raw<'_> {
                 (family, head, arch)
             }
             None => {
-                let mt = self
-                    .get("model_type")
-                    .ok_or_else(|| self.invalid("architectures", "a list of class names (or a model_type)", &Value::Null))?;
-                let mt = mt.as_str().map(str::to_string).unwrap_or_else(|| mt.to_string());
+                let mt = self.get("model_type").ok_or_else(|| {
+                    self.invalid(
+                        "architectures",
+                        "a list of class names (or a model_type)",
+                        &Value::Null,
+                    )
+                })?;
+                let mt = mt
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| mt.to_string());
                 let family = Family::ALL
                     .into_iter()
                     .find(|f| f.model_type() == mt)
                     .ok_or_else(|| unsupported("model_type", mt.clone()))?;
-                (family, HeadKind::CausalLm, format!("{}ForCausalLM", family.class_prefix()))
+                (
+                    family,
+                    HeadKind::CausalLm,
+                    format!("{}ForCausalLM", family.class_prefix()),
+                )
             }
         };
         // A model_type that contradicts the architecture means a hand-edited or foreign config.
@@ -370,7 +402,10 @@ impl Raw<'_> {
             if mt != family.model_type() {
                 return Err(self.invalid(
                     "model_type",
-                    format!("`{}` (from architectures `{architecture}`)", family.model_type()),
+                    format!(
+                        "`{}` (from architectures `{architecture}`)",
+                        family.model_type()
+                    ),
                     &Value::from(mt),
                 ));
             }
@@ -401,7 +436,10 @@ impl Raw<'_> {
                 return Err(self.invalid(params_key, "an object", p));
             }
         }
-        let theta = match params.and_then(|p| p.get("rope_theta")).filter(|v| !v.is_null()) {
+        let theta = match params
+            .and_then(|p| p.get("rope_theta"))
+            .filter(|v| !v.is_null())
+        {
             Some(v) => v
                 .as_f64()
                 .ok_or_else(|| self.invalid("rope_parameters.rope_theta", "a number", v))?,
@@ -412,8 +450,13 @@ impl Raw<'_> {
         };
         let field = |k: &str| -> Result<f64> {
             let v = p.get(k).filter(|v| !v.is_null());
-            v.and_then(|v| v.as_f64())
-                .ok_or_else(|| self.invalid(&format!("{params_key}.{k}"), "a number", v.unwrap_or(&Value::Null)))
+            v.and_then(|v| v.as_f64()).ok_or_else(|| {
+                self.invalid(
+                    &format!("{params_key}.{k}"),
+                    "a number",
+                    v.unwrap_or(&Value::Null),
+                )
+            })
         };
         let rope_type = p
             .get("rope_type")
@@ -422,12 +465,17 @@ impl Raw<'_> {
             .unwrap_or("default");
         let scaling = match rope_type {
             "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear { factor: field("factor")? },
+            "linear" => RopeScaling::Linear {
+                factor: field("factor")?,
+            },
             "llama3" => RopeScaling::Llama3 {
                 factor: field("factor")?,
                 low_freq_factor: field("low_freq_factor")?,
                 high_freq_factor: field("high_freq_factor")?,
-                original_max_position_embeddings: match p.get("original_max_position_embeddings").and_then(|v| v.as_u64()) {
+                original_max_position_embeddings: match p
+                    .get("original_max_position_embeddings")
+                    .and_then(|v| v.as_u64())
+                {
                     Some(n) => n as usize,
                     None => self.usize_req("max_position_embeddings")?,
                 },
@@ -453,7 +501,11 @@ pub(crate) fn token_ids(v: Option<&Value>, key: &str, path: &Path) -> Result<Vec
         expected: "a token id or a list of token ids".into(),
         got: v.to_string(),
     };
-    let one = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(v));
+    let one = |v: &Value| {
+        v.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| bad(v))
+    };
     match v {
         None | Some(Value::Null) => Ok(vec![]),
         Some(Value::Array(a)) => a.iter().map(one).collect(),
@@ -497,7 +549,13 @@ mod tests {
         assert_eq!(a.rope_theta, 500000.0);
         assert_eq!(a.head_dim, 16);
         assert_eq!(a.eos_token_ids, vec![2, 3]);
-        assert!(matches!(a.rope_scaling, RopeScaling::Llama3 { original_max_position_embeddings: 64, .. }));
+        assert!(matches!(
+            a.rope_scaling,
+            RopeScaling::Llama3 {
+                original_max_position_embeddings: 64,
+                ..
+            }
+        ));
         assert_eq!(b.dtype.as_deref(), Some("float32"));
         b.dtype = a.dtype.clone();
         assert_eq!(a, b);
@@ -509,7 +567,9 @@ mod tests {
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("GPT2LMHeadModel"), "{err}");
         assert!(err.contains("Qwen2ForCausalLM"), "{err}");
-        let err = parse(r#"{"model_type": "gpt2", "hidden_size": 8}"#).unwrap_err().to_string();
+        let err = parse(r#"{"model_type": "gpt2", "hidden_size": 8}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model_type `gpt2`"), "{err}");
     }
 
@@ -529,17 +589,24 @@ mod tests {
 
     #[test]
     fn family_specific_defaults() {
-        let qwen2 = LLAMA_4X.replace("LlamaForCausalLM", "Qwen2ForSequenceClassification").replace(r#""llama""#, r#""qwen2""#);
+        let qwen2 = LLAMA_4X
+            .replace("LlamaForCausalLM", "Qwen2ForSequenceClassification")
+            .replace(r#""llama""#, r#""qwen2""#);
         let c = parse(&qwen2).unwrap();
         assert_eq!(c.family, Family::Qwen2);
         assert!(c.qkv_bias && !c.o_bias);
         // No id2label: PretrainedConfig's default of 2 labels.
         assert_eq!(c.head, HeadKind::SequenceClassification { num_labels: 2 });
-        let qwen3 = LLAMA_4X.replace("LlamaForCausalLM", "Qwen3ForCausalLM").replace(r#""llama""#, r#""qwen3""#);
+        let qwen3 = LLAMA_4X
+            .replace("LlamaForCausalLM", "Qwen3ForCausalLM")
+            .replace(r#""llama""#, r#""qwen3""#);
         let c = parse(&qwen3).unwrap();
         assert!(c.qk_norm && !c.qkv_bias);
         assert_eq!(c.head_dim, 128);
         let mismatch = LLAMA_4X.replace(r#""llama""#, r#""qwen2""#);
-        assert!(parse(&mismatch).unwrap_err().to_string().contains("model_type"));
+        assert!(parse(&mismatch)
+            .unwrap_err()
+            .to_string()
+            .contains("model_type"));
     }
 }

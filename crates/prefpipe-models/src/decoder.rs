@@ -41,8 +41,12 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
-        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        x.broadcast_mul(&inv_rms)?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)
     }
 }
 
@@ -80,14 +84,23 @@ impl Rope {
                 original_max_position_embeddings,
             } => {
                 // transformers `_compute_llama3_parameters`, element by element.
-                let (factor, low, high) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+                let (factor, low, high) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                );
                 let old_len = original_max_position_embeddings as f32;
                 let low_freq_wavelen = old_len / low;
                 let high_freq_wavelen = old_len / high;
                 for f in inv_freq.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
-                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let scaled = if wavelen > low_freq_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
+                    // ~(wavelen < high) * ~(wavelen > low); inv_freq is finite, so no NaN.
+                    let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                     *f = if medium {
                         let smooth = (old_len / wavelen - low) / (high - low);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -101,7 +114,13 @@ impl Rope {
     }
 
     /// `cos`, `sin` of shape `[b, 1, t, head_dim]` for per-token positions (row-major `b × t`).
-    pub fn tables(&self, positions: &[u32], b: usize, t: usize, device: &Device) -> CResult<(Tensor, Tensor)> {
+    pub fn tables(
+        &self,
+        positions: &[u32],
+        b: usize,
+        t: usize,
+        device: &Device,
+    ) -> CResult<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * 2 * half);
         let mut sin = Vec::with_capacity(positions.len() * 2 * half);
@@ -117,7 +136,10 @@ impl Rope {
             sin.extend_from_within(start..start + half);
         }
         let shape = (b, 1, t, 2 * half);
-        Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
+        Ok((
+            Tensor::from_vec(cos, shape, device)?,
+            Tensor::from_vec(sin, shape, device)?,
+        ))
     }
 }
 
@@ -220,9 +242,15 @@ impl Attention {
         // dimension attends with no repeat_kv copy of keys and values.
         let q = q.contiguous()?.reshape((b, nkv, n_rep * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.reshape((b, nkv, n_rep, t, tk))?.broadcast_add(mask)?;
+        let scores = scores
+            .reshape((b, nkv, n_rep, t, tk))?
+            .broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * t, tk))?;
-        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
     }
 }
@@ -263,9 +291,17 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> CResult<Self> {
         Ok(Self {
-            input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            input_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
         })
     }
@@ -278,8 +314,16 @@ impl DecoderLayer {
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> CResult<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?)?;
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
+        let h = (x + self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            cos,
+            sin,
+            mask,
+            cache,
+        )?)?;
+        &h + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?)?
     }
 }
 
@@ -316,12 +360,19 @@ impl KvCache {
             Some((k, _)) => k.device().clone(),
             None => Device::Cpu,
         };
-        let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &device)?;
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &device,
+        )?;
         for (k, v) in self.layers.iter_mut().flatten() {
             *k = k.index_select(&idx, 0)?;
             *v = v.index_select(&idx, 0)?;
         }
-        self.key_pos = rows.iter().map(|&r| std::mem::take(&mut self.key_pos[r])).collect();
+        self.key_pos = rows
+            .iter()
+            .map(|&r| std::mem::take(&mut self.key_pos[r]))
+            .collect();
         Ok(())
     }
 }
@@ -338,7 +389,8 @@ pub struct DecoderBody {
 
 impl DecoderBody {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> CResult<Self> {
-        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let embed_tokens =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
             .collect::<CResult<Vec<_>>>()?;
@@ -360,7 +412,12 @@ impl DecoderBody {
     /// `input_ids`: `[b, t]` u32; `q_pos`: per token (row-major) its position in
     /// its own sequence, `None` for padding. With a cache, the new tokens come
     /// after the cached ones and the cache is extended.
-    pub fn forward(&self, input_ids: &Tensor, q_pos: &[Option<u32>], cache: Option<&mut KvCache>) -> CResult<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        q_pos: &[Option<u32>],
+        cache: Option<&mut KvCache>,
+    ) -> CResult<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if q_pos.len() != b * t {
             candle_core::bail!("q_pos has {} entries for a {b}x{t} batch", q_pos.len());
@@ -382,7 +439,10 @@ impl DecoderBody {
             }
             None => {
                 let keys: Vec<Vec<Option<u32>>> = rows.iter().map(|r| r.to_vec()).collect();
-                (attention_mask(&rows, &keys, self.sliding_window, device)?, None)
+                (
+                    attention_mask(&rows, &keys, self.sliding_window, device)?,
+                    None,
+                )
             }
         };
         let positions: Vec<u32> = q_pos.iter().map(|p| p.unwrap_or(0)).collect();
@@ -489,10 +549,14 @@ impl Decoder {
             HeadKind::CausalLm if cfg.tie_word_embeddings => {
                 Head::Lm(Linear::new(body.embed_tokens.embeddings().clone(), None))
             }
-            HeadKind::CausalLm => Head::Lm(candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?),
-            HeadKind::SequenceClassification { num_labels } => {
-                Head::Score(candle_nn::linear_no_bias(cfg.hidden_size, num_labels, vb.pp("score"))?)
-            }
+            HeadKind::CausalLm => Head::Lm(candle_nn::linear_no_bias(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                vb.pp("lm_head"),
+            )?),
+            HeadKind::SequenceClassification { num_labels } => Head::Score(
+                candle_nn::linear_no_bias(cfg.hidden_size, num_labels, vb.pp("score"))?,
+            ),
         };
         Ok(Self {
             body,
@@ -533,7 +597,11 @@ impl Decoder {
     /// Hidden states `[n, hidden]` at the positions that predict the response
     /// tokens (the last prompt token … the second-to-last response token),
     /// concatenated over rows, for pairs whose prompt/response lengths are given.
-    pub fn response_hidden(&self, batch: &PaddedBatch, split: &[(usize, usize)]) -> CResult<Tensor> {
+    pub fn response_hidden(
+        &self,
+        batch: &PaddedBatch,
+        split: &[(usize, usize)],
+    ) -> CResult<Tensor> {
         let hidden = self.hidden(batch)?;
         let (b, t, h) = hidden.dims3()?;
         let idx = response_positions(split, t);
@@ -544,7 +612,11 @@ impl Decoder {
     /// Log-probabilities `[n]` of each response token (EOS included), concatenated
     /// over rows; differentiable. `batch` rows are prompt ⊕ response with the
     /// given (prompt_len, response_len).
-    pub fn response_token_logps(&self, batch: &PaddedBatch, split: &[(usize, usize)]) -> CResult<Tensor> {
+    pub fn response_token_logps(
+        &self,
+        batch: &PaddedBatch,
+        split: &[(usize, usize)],
+    ) -> CResult<Tensor> {
         let h = self.response_hidden(batch, split)?;
         let logp = log_softmax_last_dim(&self.apply_head(&h)?)?;
         let (ids, t) = (batch.input_ids.flatten_all()?, batch.width);
@@ -553,7 +625,10 @@ impl Decoder {
             .enumerate()
             .flat_map(|(row, &(p, r))| (p..p + r).map(move |i| (row * t + i) as u32))
             .collect();
-        let targets = ids.index_select(&Tensor::from_vec(targets.clone(), targets.len(), ids.device())?, 0)?;
+        let targets = ids.index_select(
+            &Tensor::from_vec(targets.clone(), targets.len(), ids.device())?,
+            0,
+        )?;
         logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
     }
 
@@ -576,7 +651,12 @@ impl Decoder {
     pub fn last_token_scores(&self, batch: &PaddedBatch) -> CResult<Tensor> {
         let hidden = self.hidden(batch)?;
         let (b, t, h) = hidden.dims3()?;
-        let idx: Vec<u32> = batch.lens.iter().enumerate().map(|(row, &l)| (row * t + l - 1) as u32).collect();
+        let idx: Vec<u32> = batch
+            .lens
+            .iter()
+            .enumerate()
+            .map(|(row, &l)| (row * t + l - 1) as u32)
+            .collect();
         let idx = Tensor::from_vec(idx, b, hidden.device())?;
         self.apply_head(&hidden.reshape((b * t, h))?.index_select(&idx, 0)?)
     }
@@ -635,9 +715,15 @@ mod tests {
     }
 
     fn batch_of(pairs: &[(Vec<u32>, Vec<u32>)]) -> (PaddedBatch, Vec<(usize, usize)>) {
-        let full: Vec<Vec<u32>> = pairs.iter().map(|(p, r)| [p.as_slice(), r].concat()).collect();
+        let full: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|(p, r)| [p.as_slice(), r].concat())
+            .collect();
         let split = pairs.iter().map(|(p, r)| (p.len(), r.len())).collect();
-        (PaddedBatch::right_padded(&full, 0, &Device::Cpu).unwrap(), split)
+        (
+            PaddedBatch::right_padded(&full, 0, &Device::Cpu).unwrap(),
+            split,
+        )
     }
 
     /// Every trainable tensor — embeddings, every projection and bias, every norm
@@ -646,21 +732,29 @@ mod tests {
     #[test]
     fn backward_reaches_every_weight() {
         for family in Family::ALL {
-            for head in [HeadKind::CausalLm, HeadKind::SequenceClassification { num_labels: 1 }] {
+            for head in [
+                HeadKind::CausalLm,
+                HeadKind::SequenceClassification { num_labels: 1 },
+            ] {
                 let cfg = tiny_config(family, head);
                 let varmap = VarMap::new();
                 let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
                 let model = Decoder::new(&cfg, vb).unwrap();
                 let (batch, split) = batch_of(&seqs());
                 let loss = match head {
-                    HeadKind::CausalLm => model.sequence_logps(&batch, &split).unwrap().sum_all().unwrap(),
+                    HeadKind::CausalLm => model
+                        .sequence_logps(&batch, &split)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap(),
                     _ => model.last_token_scores(&batch).unwrap().sum_all().unwrap(),
                 };
                 let grads = loss.backward().unwrap();
                 let data = varmap.data().lock().unwrap();
                 let mut names: Vec<_> = data.keys().cloned().collect();
                 names.sort();
-                let expected = 1 + 9 * cfg.num_hidden_layers
+                let expected = 1
+                    + 9 * cfg.num_hidden_layers
                     + usize::from(cfg.qkv_bias) * 3 * cfg.num_hidden_layers
                     + usize::from(cfg.qk_norm) * 2 * cfg.num_hidden_layers
                     + 1
@@ -670,8 +764,17 @@ mod tests {
                     let g = grads
                         .get(data[name].as_tensor())
                         .unwrap_or_else(|| panic!("{family:?} {head:?}: no gradient for {name}"));
-                    let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-                    assert!(norm > 0.0 && norm.is_finite(), "{family:?} {head:?}: gradient of {name} is {norm}");
+                    let norm = g
+                        .sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(
+                        norm > 0.0 && norm.is_finite(),
+                        "{family:?} {head:?}: gradient of {name} is {norm}"
+                    );
                 }
             }
         }
@@ -683,14 +786,30 @@ mod tests {
         for family in Family::ALL {
             let cfg = tiny_config(family, HeadKind::CausalLm);
             let varmap = VarMap::new();
-            let model = Decoder::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+            let model = Decoder::new(
+                &cfg,
+                VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            )
+            .unwrap();
             let pairs = seqs();
             let (batch, split) = batch_of(&pairs);
-            let together = model.sequence_logps(&batch, &split).unwrap().to_vec1::<f32>().unwrap();
+            let together = model
+                .sequence_logps(&batch, &split)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for (i, pair) in pairs.iter().enumerate() {
                 let (b1, s1) = batch_of(std::slice::from_ref(pair));
-                let alone = model.sequence_logps(&b1, &s1).unwrap().to_vec1::<f32>().unwrap()[0];
-                assert!((alone - together[i]).abs() <= 1e-5 * alone.abs().max(1.0), "{family:?} {i}: {alone} vs {}", together[i]);
+                let alone = model
+                    .sequence_logps(&b1, &s1)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()[0];
+                assert!(
+                    (alone - together[i]).abs() <= 1e-5 * alone.abs().max(1.0),
+                    "{family:?} {i}: {alone} vs {}",
+                    together[i]
+                );
             }
         }
     }
@@ -702,14 +821,24 @@ mod tests {
         for family in Family::ALL {
             let cfg = tiny_config(family, HeadKind::CausalLm);
             let varmap = VarMap::new();
-            let model = Decoder::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+            let model = Decoder::new(
+                &cfg,
+                VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            )
+            .unwrap();
             let full: Vec<Vec<u32>> = vec![(1..12).collect(), (20..29).collect()];
             let unpadded: Vec<Vec<f32>> = full
                 .iter()
                 .map(|s| {
-                    let b = PaddedBatch::right_padded(std::slice::from_ref(s), 0, &Device::Cpu).unwrap();
+                    let b = PaddedBatch::right_padded(std::slice::from_ref(s), 0, &Device::Cpu)
+                        .unwrap();
                     let h = model.hidden(&b).unwrap();
-                    h.get(0).unwrap().get(s.len() - 1).unwrap().to_vec1::<f32>().unwrap()
+                    h.get(0)
+                        .unwrap()
+                        .get(s.len() - 1)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
                 })
                 .collect();
             // Prompts of 6 and 4 tokens, left-padded to 6; then decode the rest.
@@ -723,7 +852,10 @@ mod tests {
             }
             let mut cache = KvCache::new(cfg.num_hidden_layers);
             let input = Tensor::from_vec(ids, (2, 6), &Device::Cpu).unwrap();
-            model.body().forward(&input, &q_pos, Some(&mut cache)).unwrap();
+            model
+                .body()
+                .forward(&input, &q_pos, Some(&mut cache))
+                .unwrap();
             let mut next = prompt_lens;
             let mut last = vec![vec![]; 2];
             // Row 0 needs 5 more tokens, row 1 needs 5 more: step both together.
@@ -731,7 +863,10 @@ mod tests {
                 let ids: Vec<u32> = (0..2).map(|r| full[r][next[r]]).collect();
                 let q_pos: Vec<Option<u32>> = (0..2).map(|r| Some(next[r] as u32)).collect();
                 let input = Tensor::from_vec(ids, (2, 1), &Device::Cpu).unwrap();
-                let h = model.body().forward(&input, &q_pos, Some(&mut cache)).unwrap();
+                let h = model
+                    .body()
+                    .forward(&input, &q_pos, Some(&mut cache))
+                    .unwrap();
                 for r in 0..2 {
                     last[r] = h.get(r).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
                     next[r] += 1;
@@ -751,7 +886,7 @@ mod tests {
     #[test]
     fn mask_respects_padding_causality_and_window() {
         let q: Vec<Option<u32>> = vec![None, Some(0), Some(1), Some(2)];
-        let m = attention_mask(&[&q], &[q.clone()], Some(2), &Device::Cpu).unwrap();
+        let m = attention_mask(&[&q], std::slice::from_ref(&q), Some(2), &Device::Cpu).unwrap();
         let m: Vec<Vec<f32>> = m.reshape((4, 4)).unwrap().to_vec2().unwrap();
         let seen = |r: usize| -> Vec<usize> { (0..4).filter(|&c| m[r][c] == 0.0).collect() };
         assert_eq!(seen(0), vec![0]); // a pad sees only itself

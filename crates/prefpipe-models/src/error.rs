@@ -87,11 +87,19 @@ pub enum Error {
 
     /// A prompt leaves no room to generate within the model's context.
     #[error("prompt {index} has {len} tokens; the model's context is {max} tokens, so nothing can be generated")]
-    PromptTooLong { index: usize, len: usize, max: usize },
+    PromptTooLong {
+        index: usize,
+        len: usize,
+        max: usize,
+    },
 
     /// A prompt ⊕ response sequence is longer than the model's context.
     #[error("sequence {index} has {len} tokens, more than the model's context of {max}")]
-    SequenceTooLong { index: usize, len: usize, max: usize },
+    SequenceTooLong {
+        index: usize,
+        len: usize,
+        max: usize,
+    },
 
     /// An argument is out of range (empty prompt, bad sampling parameter, ...).
     #[error("invalid {what}: expected {expected}, got {got}")]

@@ -13,16 +13,16 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::SplitDelimiterBehavior;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::processors::PostProcessorWrapper;
-use tokenizers::decoders::DecoderWrapper;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
 use crate::config::Family;
@@ -148,33 +148,55 @@ fn tokenizer_json(style: Style) -> Result<String> {
     };
     // The ChatML style is Qwen2's pipeline exactly (transformers 5 rebuilds Qwen2
     // tokenizers from vocab + merges with it, ignoring tokenizer.json's).
-    let (normalizer, pre_tokenizer): (Option<NormalizerWrapper>, PreTokenizerWrapper) = match style {
+    let (normalizer, pre_tokenizer): (Option<NormalizerWrapper>, PreTokenizerWrapper) = match style
+    {
         Style::Llama => (None, ByteLevel::new(false, true, true).into()),
         Style::ChatMl => {
-            let split = Split::new(SplitPattern::Regex(QWEN2_PRETOKENIZE_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(tok_err)?;
+            let split = Split::new(
+                SplitPattern::Regex(QWEN2_PRETOKENIZE_REGEX.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tok_err)?;
             (
                 Some(tokenizers::normalizers::unicode::NFC.into()),
-                Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into(),
+                Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, false, false).into(),
+                ])
+                .into(),
             )
         }
     };
-    let mut tokenizer = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-        .with_model(BPE::default())
-        .with_normalizer(normalizer)
-        .with_pre_tokenizer(Some(pre_tokenizer))
-        .with_post_processor(Some(post))
-        .with_decoder(Some(ByteLevel::new(false, false, false).into()))
-        .build()
-        .map_err(tok_err)?;
+    let mut tokenizer = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_normalizer(normalizer)
+    .with_pre_tokenizer(Some(pre_tokenizer))
+    .with_post_processor(Some(post))
+    .with_decoder(Some(ByteLevel::new(false, false, false).into()))
+    .build()
+    .map_err(tok_err)?;
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(TOKENIZER_VOCAB)
         .min_frequency(0)
         .show_progress(false)
-        .special_tokens(specials.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .special_tokens(
+            specials
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    tokenizer.train(&mut trainer, CORPUS.lines()).map_err(tok_err)?;
+    tokenizer
+        .train(&mut trainer, CORPUS.lines())
+        .map_err(tok_err)?;
     let tokenizer: tokenizers::Tokenizer = tokenizer.into();
     tokenizer.to_string(true).map_err(tok_err)
 }
@@ -196,32 +218,112 @@ impl Normal {
 }
 
 /// (name, shape, mean, std) of every tensor, in checkpoint naming.
-fn tensor_specs(family: Family, vocab: usize, reward: bool, tied: bool) -> Vec<(String, Vec<usize>, f32, f32)> {
+fn tensor_specs(
+    family: Family,
+    vocab: usize,
+    reward: bool,
+    tied: bool,
+) -> Vec<(String, Vec<usize>, f32, f32)> {
     let mut t: Vec<(String, Vec<usize>, f32, f32)> = vec![];
     let w = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
     // Embeddings/LM head wide enough that next-token distributions are peaked:
     // greedy decoding then has clear margins for the token-for-token goldens.
-    t.push(("model.embed_tokens.weight".into(), vec![vocab, HIDDEN], 0.0, 0.5));
+    t.push((
+        "model.embed_tokens.weight".into(),
+        vec![vocab, HIDDEN],
+        0.0,
+        0.5,
+    ));
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
-        t.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN], 1.0, 0.1));
-        t.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], 1.0, 0.1));
-        t.push((format!("{p}.self_attn.q_proj.weight"), vec![HEADS * HEAD_DIM, HIDDEN], 0.0, w(HIDDEN)));
-        t.push((format!("{p}.self_attn.k_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], 0.0, w(HIDDEN)));
-        t.push((format!("{p}.self_attn.v_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], 0.0, w(HIDDEN)));
-        t.push((format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HEADS * HEAD_DIM], 0.0, w(HIDDEN)));
+        t.push((
+            format!("{p}.input_layernorm.weight"),
+            vec![HIDDEN],
+            1.0,
+            0.1,
+        ));
+        t.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![HIDDEN],
+            1.0,
+            0.1,
+        ));
+        t.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![HEADS * HEAD_DIM, HIDDEN],
+            0.0,
+            w(HIDDEN),
+        ));
+        t.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            0.0,
+            w(HIDDEN),
+        ));
+        t.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            0.0,
+            w(HIDDEN),
+        ));
+        t.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![HIDDEN, HEADS * HEAD_DIM],
+            0.0,
+            w(HIDDEN),
+        ));
         if family == Family::Qwen2 {
-            t.push((format!("{p}.self_attn.q_proj.bias"), vec![HEADS * HEAD_DIM], 0.0, 0.1));
-            t.push((format!("{p}.self_attn.k_proj.bias"), vec![KV_HEADS * HEAD_DIM], 0.0, 0.1));
-            t.push((format!("{p}.self_attn.v_proj.bias"), vec![KV_HEADS * HEAD_DIM], 0.0, 0.1));
+            t.push((
+                format!("{p}.self_attn.q_proj.bias"),
+                vec![HEADS * HEAD_DIM],
+                0.0,
+                0.1,
+            ));
+            t.push((
+                format!("{p}.self_attn.k_proj.bias"),
+                vec![KV_HEADS * HEAD_DIM],
+                0.0,
+                0.1,
+            ));
+            t.push((
+                format!("{p}.self_attn.v_proj.bias"),
+                vec![KV_HEADS * HEAD_DIM],
+                0.0,
+                0.1,
+            ));
         }
         if family == Family::Qwen3 {
-            t.push((format!("{p}.self_attn.q_norm.weight"), vec![HEAD_DIM], 1.0, 0.1));
-            t.push((format!("{p}.self_attn.k_norm.weight"), vec![HEAD_DIM], 1.0, 0.1));
+            t.push((
+                format!("{p}.self_attn.q_norm.weight"),
+                vec![HEAD_DIM],
+                1.0,
+                0.1,
+            ));
+            t.push((
+                format!("{p}.self_attn.k_norm.weight"),
+                vec![HEAD_DIM],
+                1.0,
+                0.1,
+            ));
         }
-        t.push((format!("{p}.mlp.gate_proj.weight"), vec![INTERMEDIATE, HIDDEN], 0.0, w(HIDDEN)));
-        t.push((format!("{p}.mlp.up_proj.weight"), vec![INTERMEDIATE, HIDDEN], 0.0, w(HIDDEN)));
-        t.push((format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, INTERMEDIATE], 0.0, w(INTERMEDIATE)));
+        t.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![INTERMEDIATE, HIDDEN],
+            0.0,
+            w(HIDDEN),
+        ));
+        t.push((
+            format!("{p}.mlp.up_proj.weight"),
+            vec![INTERMEDIATE, HIDDEN],
+            0.0,
+            w(HIDDEN),
+        ));
+        t.push((
+            format!("{p}.mlp.down_proj.weight"),
+            vec![HIDDEN, INTERMEDIATE],
+            0.0,
+            w(INTERMEDIATE),
+        ));
     }
     t.push(("model.norm.weight".into(), vec![HIDDEN], 1.0, 0.1));
     if reward {
@@ -234,7 +336,10 @@ fn tensor_specs(family: Family, vocab: usize, reward: bool, tied: bool) -> Vec<(
 }
 
 /// Writes `name → f32 tensor` to a safetensors file with `{"format": "pt"}` metadata.
-pub(crate) fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+) -> Result<()> {
     let bytes: BTreeMap<&String, Vec<u8>> = tensors
         .iter()
         .map(|(k, (_, v))| (k, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
@@ -242,14 +347,19 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usi
     let views = tensors
         .iter()
         .map(|(k, (shape, _))| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes[k]).map(|v| (k.clone(), v))
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes[k])
+                .map(|v| (k.clone(), v))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::Tokenizer {
             what: "safetensors".into(),
             msg: e.to_string(),
         })?;
-    let meta = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+    let meta = Some(
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect(),
+    );
     safetensors::tensor::serialize_to_file(views, meta, path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
         source: std::io::Error::other(e.to_string()),
@@ -278,20 +388,25 @@ fn write(dir: &Path, family: Family, seed: u64, reward: bool) -> Result<()> {
     let tied = matches!(family, Family::Qwen2 | Family::Qwen3);
 
     let mut rng = Normal(ChaCha8Rng::seed_from_u64(seed));
-    let tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = tensor_specs(family, vocab, reward, tied)
-        .into_iter()
-        .map(|(name, shape, mean, std)| {
-            let data = rng.sample(shape.iter().product(), mean, std);
-            (name, (shape, data))
-        })
-        .collect();
+    let tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
+        tensor_specs(family, vocab, reward, tied)
+            .into_iter()
+            .map(|(name, shape, mean, std)| {
+                let data = rng.sample(shape.iter().product(), mean, std);
+                (name, (shape, data))
+            })
+            .collect();
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
 
     let (bos, eos, pad) = match style {
         Style::Llama => (Some(1u32), 2u32, 0u32),
         Style::ChatMl => (None, 2, 0),
     };
-    let head = if reward { "ForSequenceClassification" } else { "ForCausalLM" };
+    let head = if reward {
+        "ForSequenceClassification"
+    } else {
+        "ForCausalLM"
+    };
     let mut config = json!({
         "architectures": [format!("{}{head}", family.class_prefix())],
         "model_type": family.model_type(),
@@ -323,12 +438,18 @@ fn write(dir: &Path, family: Family, seed: u64, reward: bool) -> Result<()> {
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
         }),
         // A 48-token window, so longer golden sequences exercise sliding-window attention.
-        Family::Mistral => json!({"head_dim": HEAD_DIM, "rope_theta": 10000.0, "sliding_window": 48}),
-        Family::Qwen2 => json!({"rope_theta": 1000000.0, "use_sliding_window": false, "sliding_window": null,
-                                "max_window_layers": LAYERS, "rope_scaling": null}),
-        Family::Qwen3 => json!({"attention_bias": false, "head_dim": HEAD_DIM, "rope_theta": 1000000.0,
+        Family::Mistral => {
+            json!({"head_dim": HEAD_DIM, "rope_theta": 10000.0, "sliding_window": 48})
+        }
+        Family::Qwen2 => {
+            json!({"rope_theta": 1000000.0, "use_sliding_window": false, "sliding_window": null,
+                                "max_window_layers": LAYERS, "rope_scaling": null})
+        }
+        Family::Qwen3 => {
+            json!({"attention_bias": false, "head_dim": HEAD_DIM, "rope_theta": 1000000.0,
                                 "use_sliding_window": false, "sliding_window": null,
-                                "max_window_layers": LAYERS, "rope_scaling": null}),
+                                "max_window_layers": LAYERS, "rope_scaling": null})
+        }
     };
     let obj = config.as_object_mut().expect("json! object");
     obj.extend(extra.as_object().expect("json! object").clone());
@@ -394,7 +515,13 @@ mod tests {
         let b = tempfile::tempdir().unwrap();
         write_fixture(a.path(), Family::Qwen2, 7).unwrap();
         write_fixture(b.path(), Family::Qwen2, 7).unwrap();
-        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
             let x = std::fs::read(a.path().join(f)).unwrap();
             let y = std::fs::read(b.path().join(f)).unwrap();
             assert!(x == y, "{f} differs between two runs with the same seed");

@@ -55,7 +55,11 @@ impl SamplingParams {
     /// Checks every parameter's range.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(invalid_input("temperature", "a finite number >= 0", self.temperature));
+            return Err(invalid_input(
+                "temperature",
+                "a finite number >= 0",
+                self.temperature,
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(invalid_input("top_p", "a number in (0, 1]", self.top_p));
@@ -113,7 +117,13 @@ pub(crate) fn rng_for(seed: u64) -> ChaCha20Rng {
 
 /// Picks the next token from one row of logits.
 pub(crate) fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha20Rng) -> u32 {
-    let value = |x: f32| if x.is_nan() { f64::NEG_INFINITY } else { f64::from(x) };
+    let value = |x: f32| {
+        if x.is_nan() {
+            f64::NEG_INFINITY
+        } else {
+            f64::from(x)
+        }
+    };
     if params.temperature == 0.0 {
         let mut best = 0;
         for (i, &x) in logits.iter().enumerate() {
@@ -123,14 +133,19 @@ pub(crate) fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut Ch
         }
         return best as u32;
     }
-    let scaled: Vec<f64> = logits.iter().map(|&x| value(x) / params.temperature).collect();
+    let scaled: Vec<f64> = logits
+        .iter()
+        .map(|&x| value(x) / params.temperature)
+        .collect();
     let mut keep = vec![true; scaled.len()];
     if params.top_k > 0 && params.top_k < scaled.len() {
         let mut sorted = scaled.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
         let kth = sorted[params.top_k - 1];
         // Like transformers: every token tied with the k-th survives.
-        keep.iter_mut().zip(&scaled).for_each(|(k, &x)| *k &= x >= kth);
+        keep.iter_mut()
+            .zip(&scaled)
+            .for_each(|(k, &x)| *k &= x >= kth);
     }
     let max = scaled
         .iter()
@@ -196,28 +211,45 @@ mod tests {
 
     fn draws(params: &SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
         let mut rng = rng_for(3);
-        (0..n).map(|_| sample_token(logits, params, &mut rng)).collect()
+        (0..n)
+            .map(|_| sample_token(logits, params, &mut rng))
+            .collect()
     }
 
     #[test]
     fn greedy_takes_first_max() {
-        assert_eq!(draws(&SamplingParams::greedy(1), &[0.0, 2.0, f32::NAN, 2.0], 1), vec![1]);
+        assert_eq!(
+            draws(&SamplingParams::greedy(1), &[0.0, 2.0, f32::NAN, 2.0], 1),
+            vec![1]
+        );
     }
 
     #[test]
     fn filters_restrict_the_support() {
         let logits = [3.0f32, 2.9, 2.8, -1.0, -2.0];
-        let top_k = SamplingParams { top_k: 2, ..Default::default() };
+        let top_k = SamplingParams {
+            top_k: 2,
+            ..Default::default()
+        };
         assert!(draws(&top_k, &logits, 200).iter().all(|&t| t < 2));
         // softmax ≈ (0.36, 0.33, 0.30, 0.007, 0.002): top_p 0.5 keeps two tokens.
-        let top_p = SamplingParams { top_p: 0.5, ..Default::default() };
+        let top_p = SamplingParams {
+            top_p: 0.5,
+            ..Default::default()
+        };
         assert!(draws(&top_p, &logits, 200).iter().all(|&t| t < 2));
         // min_p 0.1 drops tokens below 0.1 × 0.36.
-        let min_p = SamplingParams { min_p: 0.1, ..Default::default() };
+        let min_p = SamplingParams {
+            min_p: 0.1,
+            ..Default::default()
+        };
         let d = draws(&min_p, &logits, 500);
         assert!(d.iter().all(|&t| t < 3) && d.contains(&2));
         // A very low temperature is almost greedy.
-        let cold = SamplingParams { temperature: 1e-3, ..Default::default() };
+        let cold = SamplingParams {
+            temperature: 1e-3,
+            ..Default::default()
+        };
         assert!(draws(&cold, &logits, 50).iter().all(|&t| t == 0));
     }
 
@@ -227,18 +259,35 @@ mod tests {
         let p = SamplingParams::default();
         assert_eq!(draws(&p, &logits, 100), draws(&p, &logits, 100));
         let mut other = rng_for(4);
-        let d2: Vec<u32> = (0..100).map(|_| sample_token(&logits, &p, &mut other)).collect();
+        let d2: Vec<u32> = (0..100)
+            .map(|_| sample_token(&logits, &p, &mut other))
+            .collect();
         assert_ne!(draws(&p, &logits, 100), d2);
     }
 
     #[test]
     fn bad_params_are_rejected() {
         for p in [
-            SamplingParams { temperature: -1.0, ..Default::default() },
-            SamplingParams { top_p: 0.0, ..Default::default() },
-            SamplingParams { min_p: 1.5, ..Default::default() },
-            SamplingParams { max_new_tokens: 0, ..Default::default() },
-            SamplingParams { stop_strings: vec![String::new()], ..Default::default() },
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 1.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                max_new_tokens: 0,
+                ..Default::default()
+            },
+            SamplingParams {
+                stop_strings: vec![String::new()],
+                ..Default::default()
+            },
         ] {
             assert!(p.validate().is_err(), "{p:?}");
         }
@@ -246,7 +295,10 @@ mod tests {
 
     #[test]
     fn stop_strings_find_earliest() {
-        assert_eq!(find_stop("abc\n\nUser: x", &["User:".into(), "\n\n".into()]), Some(3));
+        assert_eq!(
+            find_stop("abc\n\nUser: x", &["User:".into(), "\n\n".into()]),
+            Some(3)
+        );
         assert_eq!(find_stop("abc", &["x".into()]), None);
     }
 }

@@ -70,13 +70,22 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let v = read_json_opt(&index)?.unwrap_or(Value::Null);
-        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::InvalidConfig {
-            path: index.clone(),
-            field: "weight_map".into(),
-            expected: "an object of tensor name → shard file".into(),
-            got: v.get("weight_map").map_or("nothing".into(), |w| w.to_string()),
-        })?;
-        let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::InvalidConfig {
+                path: index.clone(),
+                field: "weight_map".into(),
+                expected: "an object of tensor name → shard file".into(),
+                got: v
+                    .get("weight_map")
+                    .map_or("nothing".into(), |w| w.to_string()),
+            })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
         files.sort();
         files.dedup();
         let mut out = vec![];
@@ -103,7 +112,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         })?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect();
-    if names.iter().any(|n| n.starts_with("model-") && n.ends_with(".safetensors")) {
+    if names
+        .iter()
+        .any(|n| n.starts_with("model-") && n.ends_with(".safetensors"))
+    {
         return Err(Error::MissingFile {
             path: index,
             what: "the shard index for the model-*.safetensors files".into(),
@@ -114,11 +126,14 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .filter(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"))
         .min()
     {
-        return Err(Error::PickleCheckpoint { path: dir.join(pickle) });
+        return Err(Error::PickleCheckpoint {
+            path: dir.join(pickle),
+        });
     }
     Err(Error::MissingFile {
         path: single,
-        what: "weights: model.safetensors (or model-*.safetensors + model.safetensors.index.json)".into(),
+        what: "weights: model.safetensors (or model-*.safetensors + model.safetensors.index.json)"
+            .into(),
     })
 }
 
@@ -141,7 +156,11 @@ impl Digest {
 /// files, without loading the model; equals [`Model::digest`].
 pub fn model_digest(dir: &Path) -> Result<String> {
     let mut d = Digest::new();
-    let mut files: Vec<PathBuf> = DIGESTED_FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file()).collect();
+    let mut files: Vec<PathBuf> = DIGESTED_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .filter(|p| p.is_file())
+        .collect();
     files.extend(weight_files(dir)?);
     for p in files {
         let io = |source| Error::Io {
@@ -188,22 +207,36 @@ impl Model {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for f in &files {
             let bytes = read_file(f)?;
-            digest.add(&f.file_name().unwrap_or_default().to_string_lossy(), bytes.len() as u64);
+            digest.add(
+                &f.file_name().unwrap_or_default().to_string_lossy(),
+                bytes.len() as u64,
+            );
             digest.0.update(&bytes);
-            let map = candle_core::safetensors::load_buffer(&bytes, device).map_err(|source| Error::Weights {
-                path: f.clone(),
-                source,
+            let map = candle_core::safetensors::load_buffer(&bytes, device).map_err(|source| {
+                Error::Weights {
+                    path: f.clone(),
+                    source,
+                }
             })?;
             tensors.extend(map);
         }
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let decoder = Decoder::new(&config, vb).map_err(|source| Error::Weights {
-            path: if files.len() == 1 { files[0].clone() } else { dir.to_path_buf() },
+            path: if files.len() == 1 {
+                files[0].clone()
+            } else {
+                dir.to_path_buf()
+            },
             source,
         })?;
 
         // Every id the tokenizer can emit must have an embedding row.
-        let needed = tokenizer.inner().get_vocab(true).values().max().map_or(0, |&m| m as usize + 1);
+        let needed = tokenizer
+            .inner()
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
         if needed > config.vocab_size {
             return Err(Error::VocabMismatch {
                 path: dir.join("tokenizer.json"),
@@ -214,7 +247,8 @@ impl Model {
 
         let gen_path = dir.join("generation_config.json");
         let gen = read_json_opt(&gen_path)?.unwrap_or(Value::Null);
-        let mut stop_ids = crate::config::token_ids(gen.get("eos_token_id"), "eos_token_id", &gen_path)?;
+        let mut stop_ids =
+            crate::config::token_ids(gen.get("eos_token_id"), "eos_token_id", &gen_path)?;
         if stop_ids.is_empty() {
             stop_ids = config.eos_token_ids.clone();
         }
@@ -222,7 +256,11 @@ impl Model {
         stop_ids.extend(eos_id);
         stop_ids.sort();
         stop_ids.dedup();
-        let pad_id = tokenizer.pad_id().or(config.pad_token_id).or(eos_id).unwrap_or(0);
+        let pad_id = tokenizer
+            .pad_id()
+            .or(config.pad_token_id)
+            .or(eos_id)
+            .unwrap_or(0);
 
         Ok(Model {
             decoder,
@@ -283,7 +321,9 @@ impl Model {
     /// `add_generation_prompt=true`, encoded with `add_special_tokens=false`.
     pub fn encode_prompt(&self, prompt: &str, chat_template: bool) -> Result<Vec<u32>> {
         if chat_template {
-            let text = self.tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)?;
+            let text = self
+                .tokenizer
+                .apply_chat_template(&[ChatMessage::user(prompt)], true)?;
             self.tokenizer.encode(&text, false)
         } else {
             self.tokenizer.encode(prompt, true)
@@ -313,7 +353,13 @@ impl Model {
         if is_lm == lm {
             return Ok(());
         }
-        let name = |lm: bool| if lm { "causal LM" } else { "sequence-classification (reward)" };
+        let name = |lm: bool| {
+            if lm {
+                "causal LM"
+            } else {
+                "sequence-classification (reward)"
+            }
+        };
         Err(Error::WrongHead {
             op,
             needs: name(lm),
@@ -370,9 +416,15 @@ impl Model {
         let mut out = vec![0f64; batch.len()];
         for group in micro_batches(&seqs) {
             let rows: Vec<Vec<u32>> = group.iter().map(|&i| seqs[i].clone()).collect();
-            let split: Vec<(usize, usize)> = group.iter().map(|&i| (batch[i].0.len(), batch[i].1.len())).collect();
+            let split: Vec<(usize, usize)> = group
+                .iter()
+                .map(|&i| (batch[i].0.len(), batch[i].1.len()))
+                .collect();
             let padded = PaddedBatch::right_padded(&rows, self.pad_id, &self.device)?;
-            let tok = self.decoder.response_token_logps(&padded, &split)?.to_vec1::<f32>()?;
+            let tok = self
+                .decoder
+                .response_token_logps(&padded, &split)?
+                .to_vec1::<f32>()?;
             let mut at = 0;
             for (&i, &(_, r)) in group.iter().zip(&split) {
                 out[i] = tok[at..at + r].iter().map(|&x| f64::from(x)).sum();
@@ -391,14 +443,22 @@ impl Model {
         let mut out = vec![vec![]; batch.len()];
         for group in micro_batches(&seqs) {
             let rows: Vec<Vec<u32>> = group.iter().map(|&i| seqs[i].clone()).collect();
-            let split: Vec<(usize, usize)> = group.iter().map(|&i| (batch[i].0.len(), batch[i].1.len())).collect();
+            let split: Vec<(usize, usize)> = group
+                .iter()
+                .map(|&i| (batch[i].0.len(), batch[i].1.len()))
+                .collect();
             let padded = PaddedBatch::right_padded(&rows, self.pad_id, &self.device)?;
-            let h = self.decoder.response_hidden(&padded, &split)?.to_vec2::<f32>()?;
+            let h = self
+                .decoder
+                .response_hidden(&padded, &split)?
+                .to_vec2::<f32>()?;
             let mut at = 0;
             for (&i, &(_, r)) in group.iter().zip(&split) {
                 let mut sum = vec![0f64; self.config.hidden_size];
                 for row in &h[at..at + r] {
-                    sum.iter_mut().zip(row).for_each(|(s, &x)| *s += f64::from(x));
+                    sum.iter_mut()
+                        .zip(row)
+                        .for_each(|(s, &x)| *s += f64::from(x));
                 }
                 out[i] = sum.into_iter().map(|x| x as f32).collect();
                 at += r;
@@ -438,22 +498,39 @@ impl Model {
         self.require_head("rewards", false)?;
         if let HeadKind::SequenceClassification { num_labels } = self.config.head {
             if num_labels != 1 {
-                return Err(invalid_input("reward model num_labels", "1 (use `scores` for more)", num_labels));
+                return Err(invalid_input(
+                    "reward model num_labels",
+                    "1 (use `scores` for more)",
+                    num_labels,
+                ));
             }
         }
         let seqs = self.pair_sequences(batch)?;
-        Ok(self.scores(&seqs)?.into_iter().map(|s| f64::from(s[0])).collect())
+        Ok(self
+            .scores(&seqs)?
+            .into_iter()
+            .map(|s| f64::from(s[0]))
+            .collect())
     }
 
     /// Samples one response per prompt; `seeds[i]` alone drives prompt i's
     /// randomness, so results do not depend on batch composition. A prompt
     /// with no room left in the context gives [`Error::PromptTooLong`]
     /// (check with [`Model::max_len`] first to drop such prompts).
-    pub fn generate(&self, prompts: &[Vec<u32>], params: &SamplingParams, seeds: &[u64]) -> Result<Vec<Generation>> {
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        seeds: &[u64],
+    ) -> Result<Vec<Generation>> {
         self.require_head("generate", true)?;
         params.validate()?;
         if prompts.len() != seeds.len() {
-            return Err(invalid_input("seeds", format!("one per prompt ({})", prompts.len()), seeds.len()));
+            return Err(invalid_input(
+                "seeds",
+                format!("one per prompt ({})", prompts.len()),
+                seeds.len(),
+            ));
         }
         for (i, p) in prompts.iter().enumerate() {
             self.check_sequence(i, "prompt_ids", p, 1)?;
@@ -475,7 +552,12 @@ impl Model {
         Ok(out)
     }
 
-    fn generate_chunk(&self, prompts: &[&[u32]], params: &SamplingParams, seeds: &[u64]) -> Result<Vec<Generation>> {
+    fn generate_chunk(
+        &self,
+        prompts: &[&[u32]],
+        params: &SamplingParams,
+        seeds: &[u64],
+    ) -> Result<Vec<Generation>> {
         struct Row {
             rng: rand_chacha::ChaCha20Rng,
             tokens: Vec<u32>,
@@ -507,7 +589,10 @@ impl Model {
         }
         let mut cache = KvCache::new(self.config.num_hidden_layers);
         let input = Tensor::from_vec(ids, (b, width), &self.device)?;
-        let hidden = self.decoder.body().forward(&input, &q_pos, Some(&mut cache))?;
+        let hidden = self
+            .decoder
+            .body()
+            .forward(&input, &q_pos, Some(&mut cache))?;
         let mut logits = self.last_logits(&hidden)?;
         let mut active: Vec<usize> = (0..b).collect();
 
@@ -530,7 +615,9 @@ impl Model {
                         continue;
                     }
                 }
-                if row.tokens.len() >= params.max_new_tokens || row.prompt_len + row.tokens.len() >= self.max_len() {
+                if row.tokens.len() >= params.max_new_tokens
+                    || row.prompt_len + row.tokens.len() >= self.max_len()
+                {
                     row.finish = Some(FinishReason::Length);
                     continue;
                 }
@@ -542,11 +629,19 @@ impl Model {
             }
             cache.retain_rows(&still)?;
             active = still_rows;
-            let ids: Vec<u32> = active.iter().map(|&r| *rows[r].tokens.last().unwrap_or(&self.pad_id)).collect();
-            let q_pos: Vec<Option<u32>> =
-                active.iter().map(|&r| Some((rows[r].prompt_len + rows[r].tokens.len() - 1) as u32)).collect();
+            let ids: Vec<u32> = active
+                .iter()
+                .map(|&r| *rows[r].tokens.last().unwrap_or(&self.pad_id))
+                .collect();
+            let q_pos: Vec<Option<u32>> = active
+                .iter()
+                .map(|&r| Some((rows[r].prompt_len + rows[r].tokens.len() - 1) as u32))
+                .collect();
             let input = Tensor::from_vec(ids, (active.len(), 1), &self.device)?;
-            let hidden = self.decoder.body().forward(&input, &q_pos, Some(&mut cache))?;
+            let hidden = self
+                .decoder
+                .body()
+                .forward(&input, &q_pos, Some(&mut cache))?;
             logits = self.last_logits(&hidden)?;
         }
 
@@ -582,7 +677,9 @@ fn micro_batches(seqs: &[Vec<u32>]) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = vec![];
     for i in order {
         match groups.last_mut() {
-            Some(g) if g.len() < MAX_BATCH && (g.len() + 1) * seqs[g[0]].len() <= BATCH_TOKENS => g.push(i),
+            Some(g) if g.len() < MAX_BATCH && (g.len() + 1) * seqs[g[0]].len() <= BATCH_TOKENS => {
+                g.push(i)
+            }
             _ => groups.push(vec![i]),
         }
     }
@@ -601,7 +698,10 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..100).collect::<Vec<_>>());
         for g in &groups {
-            assert!(g.len() <= MAX_BATCH && (g.len() == 1 || g.len() * seqs[g[0]].len() <= BATCH_TOKENS));
+            assert!(
+                g.len() <= MAX_BATCH
+                    && (g.len() == 1 || g.len() * seqs[g[0]].len() <= BATCH_TOKENS)
+            );
         }
     }
 
