@@ -18,6 +18,7 @@ use arrow::record_batch::RecordBatch;
 use prefpipe_core::stage::{ConfigError, Mode, Output};
 use prefpipe_core::Result;
 
+pub mod ches;
 pub mod corpus;
 pub mod groups;
 pub mod pairs;
