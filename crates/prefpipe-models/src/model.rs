@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{VarBuilder, VarMap};
 use serde_json::Value;
 
 use crate::config::{HeadKind, ModelConfig};
@@ -33,7 +33,6 @@ const DIGESTED_FILES: [&str; 5] = [
 ];
 
 /// A loaded model directory (causal LM or reward model) on one device, in f32.
-#[derive(Debug)]
 pub struct Model {
     decoder: Decoder,
     tokenizer: TextTokenizer,
@@ -47,6 +46,20 @@ pub struct Model {
     eos_id: Option<u32>,
     /// Filler for padded slots; never attended to by real tokens.
     pad_id: u32,
+    /// The trainable weights, for a model from [`Model::load_trainable`].
+    varmap: Option<VarMap>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("dir", &self.dir)
+            .field("architecture", &self.config.architecture)
+            .field("digest", &self.digest)
+            .field("device", &self.device)
+            .field("trainable", &self.varmap.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>> {
@@ -185,6 +198,17 @@ pub fn model_digest(dir: &Path) -> Result<String> {
 impl Model {
     /// Loads a Hugging Face model directory (see the crate docs for the files read).
     pub fn load(dir: &Path, device: &Device) -> Result<Model> {
+        Self::load_inner(dir, device, false)
+    }
+
+    /// Loads a model directory with its weights as `Var`s in a [`VarMap`] (the
+    /// training path): [`Model::varmap`] gives them to an optimizer, and
+    /// [`Decoder::sequence_logps`] on [`Model::decoder`] is differentiable.
+    pub fn load_trainable(dir: &Path, device: &Device) -> Result<Model> {
+        Self::load_inner(dir, device, true)
+    }
+
+    fn load_inner(dir: &Path, device: &Device, trainable: bool) -> Result<Model> {
         if !dir.is_dir() {
             return Err(Error::MissingFile {
                 path: dir.to_path_buf(),
@@ -220,15 +244,37 @@ impl Model {
             })?;
             tensors.extend(map);
         }
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let decoder = Decoder::new(&config, vb).map_err(|source| Error::Weights {
-            path: if files.len() == 1 {
-                files[0].clone()
-            } else {
-                dir.to_path_buf()
-            },
+        let weights_path = if files.len() == 1 {
+            files[0].clone()
+        } else {
+            dir.to_path_buf()
+        };
+        let weights_err = |source| Error::Weights {
+            path: weights_path.clone(),
             source,
-        })?;
+        };
+        let (decoder, varmap) = if trainable {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+            let decoder = Decoder::new(&config, vb).map_err(weights_err)?;
+            for (name, var) in lock(&varmap)?.iter() {
+                let t = tensors.get(name).ok_or_else(|| {
+                    weights_err(candle_core::Error::CannotFindTensor { path: name.clone() })
+                })?;
+                if t.dims() != var.dims() {
+                    return Err(weights_err(candle_core::Error::UnexpectedShape {
+                        msg: format!("shape mismatch for {name}"),
+                        expected: var.shape().clone(),
+                        got: t.shape().clone(),
+                    }));
+                }
+                var.set(&t.to_dtype(DType::F32)?).map_err(weights_err)?;
+            }
+            (decoder, Some(varmap))
+        } else {
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+            (Decoder::new(&config, vb).map_err(weights_err)?, None)
+        };
 
         // Every id the tokenizer can emit must have an embedding row.
         let needed = tokenizer
@@ -272,7 +318,49 @@ impl Model {
             stop_ids,
             eos_id,
             pad_id,
+            varmap,
         })
+    }
+
+    /// The trainable weights (models from [`Model::load_trainable`] only).
+    pub fn varmap(&self) -> Option<&VarMap> {
+        self.varmap.as_ref()
+    }
+
+    /// Writes a trainable model as a Hugging Face directory that transformers
+    /// (and [`Model::load`]) can load: `model.safetensors` with the current
+    /// weights, plus this model's config, tokenizer and generation files.
+    pub fn save_pretrained(&self, out: &Path) -> Result<()> {
+        let varmap = self.varmap.as_ref().ok_or_else(|| {
+            invalid_input(
+                "model for save_pretrained",
+                "one loaded with Model::load_trainable",
+                "an inference model",
+            )
+        })?;
+        std::fs::create_dir_all(out).map_err(|source| Error::Io {
+            path: out.to_path_buf(),
+            source,
+        })?;
+        let mut tensors = std::collections::BTreeMap::new();
+        for (name, var) in lock(varmap)?.iter() {
+            let t = var.as_tensor().to_dtype(DType::F32)?;
+            tensors.insert(
+                name.clone(),
+                (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?),
+            );
+        }
+        crate::fixture::write_safetensors(&out.join("model.safetensors"), &tensors)?;
+        for name in DIGESTED_FILES {
+            let src = self.dir.join(name);
+            if src.is_file() {
+                std::fs::copy(&src, out.join(name)).map_err(|source| Error::Io {
+                    path: src.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// blake3 (hex) of config.json, the generation/tokenizer files and the
@@ -667,6 +755,13 @@ impl Model {
         let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
         Ok(self.decoder.apply_head(&last)?.to_vec2::<f32>()?)
     }
+}
+
+fn lock(varmap: &VarMap) -> Result<std::sync::MutexGuard<'_, HashMap<String, candle_core::Var>>> {
+    varmap
+        .data()
+        .lock()
+        .map_err(|_| invalid_input("VarMap", "an unpoisoned lock", "poisoned by a panic"))
 }
 
 /// Groups sequence indices into micro-batches of similar length (longest
