@@ -6,7 +6,7 @@
 //! hidden state (after the final norm: the LM head's input) of the sequence
 //! prompt_ids ⊕ response_ids (DESIGN §4), and S(y) = Σ hₜ over the |y|
 //! positions that predict the response tokens (last prompt token …
-//! second-to-last response token; see [`state_sum`]). Then
+//! second-to-last response token; `prefpipe_models::Model::hidden_sums`). Then
 //!
 //!   CHES(x, y⁺, y⁻)    = ⟨S⁺, S⁻⟩ − ‖S⁺‖²
 //!   ln-CHES(x, y⁺, y⁻) = ⟨S⁺, S⁻⟩/(|y⁺|·|y⁻|) − ‖S⁺‖²/|y⁺|²
@@ -149,22 +149,6 @@ pub fn output_schema(input: &Schema) -> SchemaRef {
     table::with_fields(input, [Field::new("ches", DataType::Float64, false), Field::new("ln_ches", DataType::Float64, false)])
 }
 
-/// S(y) of one sequence: the sum of the hidden states at the positions that
-/// predict the response tokens, i.e. rows prompt_len − 1 … prompt_len +
-/// response_len − 2 of `hidden` (row-major, `hidden_size` per position, the
-/// sequence prompt_ids ⊕ response_ids). Accumulates in f64. Panics if
-/// `prompt_len` is 0 or `hidden` is shorter than those rows.
-pub fn state_sum(hidden: &[f32], hidden_size: usize, prompt_len: usize, response_len: usize) -> Vec<f32> {
-    assert!(prompt_len >= 1, "a sequence needs at least one prompt token to predict the response");
-    let mut acc = vec![0f64; hidden_size];
-    for t in prompt_len - 1..prompt_len + response_len - 1 {
-        for (a, &h) in acc.iter_mut().zip(&hidden[t * hidden_size..(t + 1) * hidden_size]) {
-            *a += h as f64;
-        }
-    }
-    acc.into_iter().map(|a| a as f32).collect()
-}
-
 /// (CHES, ln-CHES) of a pair from S⁺ = `s_pos`, S⁻ = `s_neg` and the response
 /// lengths |y⁺| = `len_pos`, |y⁻| = `len_neg` (tokens, EOS included), in f64.
 /// Panics if the two sums have different lengths (different models).
@@ -281,15 +265,6 @@ mod tests {
         // S⁺ = (1e7, 1), S⁻ = (1e7, 2): ⟨S⁺, S⁻⟩ = 1e14 + 2, ‖S⁺‖² = 1e14 + 1, both exact in f64
         // (< 2⁵³), so CHES = 1. In f32 (spacing 2²³ near 1e14) both round alike and CHES would be 0.
         assert_eq!(ches(&[1e7, 1.0], &[1e7, 2.0], 1, 1).0, 1.0);
-    }
-
-    #[test]
-    fn state_sum_covers_the_predicting_positions() {
-        // Sequence of 5 positions (prompt 2 tokens, response 3), hidden size 2, hₜ = (t, 10t).
-        // Predicting positions: 1 (last prompt token) … 3 (second-to-last response token):
-        // S = (1 + 2 + 3, 10 + 20 + 30) = (6, 60).
-        let h: Vec<f32> = (0..5).flat_map(|t| [t as f32, 10.0 * t as f32]).collect();
-        assert_eq!(state_sum(&h, 2, 2, 3), [6.0, 60.0]);
     }
 
     #[test]

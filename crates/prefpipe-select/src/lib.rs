@@ -31,6 +31,8 @@ pub mod repeat_ranking;
 pub mod small_margin;
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod testkit;
 
 /// Why a prompt, pair or row was dropped; the names appear in `run.json`.
