@@ -225,7 +225,7 @@ mod tests {
             &[("p", 0, 1.0), ("p", 1, 3.0), ("p", 2, 2.0), ("p", 3, f64::NAN), ("q", 0, 1.0), ("r", 0, 4.0), ("r", 1, 4.0)],
             &[],
         );
-        let out = testkit::run(&Listwise { list_size: Some(2) }, &[b.clone()]).unwrap();
+        let out = testkit::run(&Listwise { list_size: Some(2) }, std::slice::from_ref(&b)).unwrap();
         let o = testkit::one(&out);
         assert_eq!(col_strings(&o, "prompt_id"), ["p"]);
         assert_eq!(col_strings(&o, "responses"), ["[p-1, p-0]"]);

@@ -532,7 +532,7 @@ mod tests {
         assert!(o.column_by_name("j1").is_none());
         assert_eq!(drops(&out, "tie"), 1);
         // min_w 0.9 keeps a only (W: a 1, b 0, c 0.8); b and c are below_threshold.
-        let out = testkit::run(&cfg(json!({"rankers": ["j1", "j2"], "min_w": 0.9})), &[b.clone()]).unwrap();
+        let out = testkit::run(&cfg(json!({"rankers": ["j1", "j2"], "min_w": 0.9})), std::slice::from_ref(&b)).unwrap();
         assert_eq!(col_strings(&testkit::one(&out), "prompt_id"), ["a"]);
         assert_eq!(drops(&out, "below_threshold"), 2);
         // keep 0.5: W over a, b, c = sorted [0, 0.8, 1], q = 0.5 → h = 1 → 0.8. Keep a and c.
