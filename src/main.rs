@@ -90,6 +90,13 @@ enum Cmd {
     },
     /// List stage kinds and strategies.
     Kinds,
+    /// Write tiny random Hugging Face-format models (Llama, Qwen2, …, and a
+    /// Llama reward model) for tests and demos.
+    Fixtures {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -156,6 +163,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Inspect { file } => inspect::run(&file),
         Cmd::Schema { out } => schemas::write(&out),
+        Cmd::Fixtures { dir, seed } => {
+            use prefpipe_models::Family;
+            for (name, fam) in [("tiny-llama", Family::Llama), ("tiny-qwen2", Family::Qwen2), ("tiny-qwen3", Family::Qwen3), ("tiny-mistral", Family::Mistral)] {
+                prefpipe_models::write_fixture(&dir.join(name), fam, seed).map_err(|e| Error::Runtime(e.to_string()))?;
+                println!("wrote {}", dir.join(name).display());
+            }
+            prefpipe_models::write_reward_fixture(&dir.join("tiny-llama-rm"), Family::Llama, seed + 1).map_err(|e| Error::Runtime(e.to_string()))?;
+            println!("wrote {}", dir.join("tiny-llama-rm").display());
+            Ok(())
+        }
         Cmd::Kinds => {
             for k in prefpipe_stages::KINDS {
                 println!("{:<8} {}", k.name, k.about);

@@ -143,7 +143,7 @@ pub enum PathSeg {
 
 /// Parses YAML text. A syntax error becomes one diagnostic with its line:col.
 pub fn parse(file: &str, text: &str) -> Result<Node, Diagnostic> {
-    match serde_saphyr::from_str::<Node>(text) {
+    match serde_saphyr::from_str_with_options::<Node>(text, options()) {
         Ok(n) => Ok(n),
         Err(e) => {
             let (line, col) = e
@@ -162,7 +162,7 @@ pub fn parse(file: &str, text: &str) -> Result<Node, Diagnostic> {
 
 /// Parses a `--set` value the way YAML would read it (numbers, bools, strings, lists).
 pub fn parse_scalar(text: &str) -> Node {
-    match serde_saphyr::from_str::<Node>(text) {
+    match serde_saphyr::from_str_with_options::<Node>(text, options()) {
         Ok(n) if !matches!(n.value, Value::Null) || text.trim() == "null" || text.trim() == "~" => {
             strip_positions(n)
         }
@@ -181,6 +181,14 @@ fn strip_positions(mut n: Node) -> Node {
         v => v,
     };
     n
+}
+
+/// YAML 1.2 booleans only: `n`, `no`, `y`, `off` stay strings (a key named
+/// `n` — samples per prompt — must not turn into `false`).
+fn options() -> serde_saphyr::Options {
+    let mut o = serde_saphyr::Options::default();
+    o.strict_booleans = true;
+    o
 }
 
 /// Parser messages can span lines (and may repeat the position); keep the first line.
@@ -296,5 +304,11 @@ mod tests {
         assert_eq!(parse_scalar("7").value, Value::Int(7));
         assert_eq!(parse_scalar("true").value, Value::Bool(true));
         assert_eq!(parse_scalar("mu-2sigma").value, Value::Str("mu-2sigma".into()));
+        // YAML 1.1 booleans are strings here.
+        assert_eq!(parse_scalar("n").value, Value::Str("n".into()));
+        assert_eq!(parse_scalar("no").value, Value::Str("no".into()));
+        let n = parse("p.yaml", "n: 4
+").unwrap();
+        assert_eq!(n.get("n").map(|v| v.value.clone()), Some(Value::Int(4)));
     }
 }

@@ -6,10 +6,21 @@ use prefpipe_core::stage::StageKind;
 
 pub mod export;
 pub mod filter;
+pub mod generate;
+pub mod logprob;
+mod model_ref;
 pub mod select;
 pub mod source;
 pub mod sql;
 mod strategy_stage;
 
 /// Every stage kind, in the order `prefpipe` documents them.
-pub const KINDS: &[StageKind] = &[source::KIND, select::KIND, filter::KIND, sql::KIND, export::KIND];
+pub const KINDS: &[StageKind] = &[
+    source::KIND,
+    generate::KIND,
+    logprob::KIND,
+    select::KIND,
+    filter::KIND,
+    sql::KIND,
+    export::KIND,
+];

@@ -1,0 +1,92 @@
+//! Shared by the stages that run a model: plan-time checks that read no
+//! weights into memory (config, tokenizer, digest), and a lazily loaded model
+//! that lives as long as the run.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use prefpipe_core::stage::{ConfigError, PlanCx, RunCx};
+use prefpipe_core::{Error, Result};
+use prefpipe_models::{Device, Model, ModelConfig, TextTokenizer};
+
+/// A `model:` value of a stage: a name from `models:` or a path.
+pub struct ModelRef {
+    /// The YAML field it came from (for error positions).
+    pub field: &'static str,
+    pub value: String,
+    loaded: OnceLock<std::result::Result<Arc<Model>, String>>,
+}
+
+impl ModelRef {
+    pub fn new(field: &'static str, value: &str) -> Self {
+        ModelRef { field, value: value.to_string(), loaded: OnceLock::new() }
+    }
+
+    /// Checks the directory without loading weights (config, tokenizer vs
+    /// vocab size) and returns its digest for the stage key.
+    pub fn check(&self, cx: &PlanCx) -> Result<String, ConfigError> {
+        let dir = cx.resolve_model(&self.value);
+        let at = |e: prefpipe_models::Error| ConfigError::at(self.field, e.to_string());
+        if !dir.is_dir() {
+            return Err(ConfigError::at(
+                self.field,
+                format!("{}: no such model directory (a Hugging Face directory with config.json, model.safetensors, tokenizer.json)", dir.display()),
+            ));
+        }
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).map_err(at)?;
+        let tok = TextTokenizer::load(&dir).map_err(at)?;
+        if tok.vocab_size() > cfg.vocab_size {
+            return Err(ConfigError::at(
+                self.field,
+                format!(
+                    "{}: the tokenizer has {} tokens but config.json says vocab_size {}; tokenizer and weights do not belong together",
+                    dir.display(),
+                    tok.vocab_size(),
+                    cfg.vocab_size
+                ),
+            ));
+        }
+        prefpipe_models::model_digest(&dir).map_err(at)
+    }
+
+    pub fn dir(&self, cx: &RunCx) -> PathBuf {
+        PlanCx { base_dir: cx.base_dir, models: cx.models, input_ids: &[] }.resolve_model(&self.value)
+    }
+
+    /// The model, loaded on first use and shared by every chunk of the run.
+    pub fn get(&self, cx: &RunCx) -> Result<Arc<Model>> {
+        let dir = self.dir(cx);
+        self.loaded
+            .get_or_init(|| Model::load(&dir, &device()).map(Arc::new).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(Error::Input)
+    }
+}
+
+/// The compute device: CUDA when built with `--features cuda` and a GPU is there, else CPU.
+pub fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(0) {
+        return d;
+    }
+    Device::Cpu
+}
+
+/// Maps a model error to the engine's: input problems are exit 2.
+pub fn model_err(e: prefpipe_models::Error) -> Error {
+    Error::Input(e.to_string())
+}
+
+/// The per-sample seed: blake3(pipeline seed, stage id, prompt_id, sample_idx) → u64,
+/// so draws do not depend on batch, chunk or thread count (DESIGN §2).
+pub fn sample_seed(seed: u64, stage: &str, prompt_id: &str, sample_idx: u32) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.update(stage.as_bytes());
+    h.update(&[0]);
+    h.update(prompt_id.as_bytes());
+    h.update(&[0]);
+    h.update(&sample_idx.to_le_bytes());
+    let b = h.finalize();
+    u64::from_le_bytes(b.as_bytes()[..8].try_into().expect("8 bytes"))
+}
