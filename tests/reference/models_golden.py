@@ -208,6 +208,15 @@ def run_reward(name, args):
             item[mode] = {"prompt_ids": pids, "reward": reward}
         items.append(item)
     doc["pairs"] = items
+    # With pad_token_id == eos_token_id (common for reward models), transformers reads
+    # the score at the last token that is not a pad, i.e. before the trailing EOS.
+    model.config.pad_token_id = tok.eos_token_id
+    doc["pad_is_eos"] = {
+        "pad_token_id": tok.eos_token_id,
+        "plain_rewards": [
+            model(torch.tensor([it["plain"]["prompt_ids"] + it["response_ids"]])).logits[0, 0].item() for it in items
+        ],
+    }
     return doc
 
 

@@ -215,7 +215,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut LayerCache>,
     ) -> CResult<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -231,11 +231,7 @@ impl Attention {
         let mut k = apply_rope(&k.transpose(1, 2)?, cos, sin)?.contiguous()?;
         let mut v = v.transpose(1, 2)?.contiguous()?;
         if let Some(cache) = cache {
-            if let Some((pk, pv)) = cache.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *cache = Some((k.clone(), v.clone()));
+            (k, v) = cache.append(&k, &v)?;
         }
         let tk = k.dim(2)?;
         // Heads sharing a kv head are adjacent, so grouping them into the row
@@ -312,7 +308,7 @@ impl DecoderLayer {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut LayerCache>,
     ) -> CResult<Tensor> {
         let h = (x + self.self_attn.forward(
             &self.input_layernorm.forward(x)?,
@@ -327,17 +323,60 @@ impl DecoderLayer {
     }
 }
 
+/// One layer's keys and values `[b, kv_heads, capacity, head_dim]`, filled up to `len`.
+///
+/// Preallocated and written in place, so a decoding step copies only its new
+/// token's keys/values; the buffer doubles when full.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+    len: usize,
+    capacity_hint: usize,
+}
+
+impl LayerCache {
+    /// Appends `[b, kv_heads, t, head_dim]` keys/values; returns all cached ones.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> CResult<(Tensor, Tensor)> {
+        let (b, nkv, t, hd) = k.dims4()?;
+        let cap = self.kv.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+        if self.len + t > cap {
+            let new_cap = (self.len + t).max(self.capacity_hint).max(2 * cap);
+            let nk = Tensor::zeros((b, nkv, new_cap, hd), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, nkv, new_cap, hd), v.dtype(), v.device())?;
+            if let Some((ok, ov)) = &self.kv {
+                nk.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.kv = Some((nk, nv));
+        }
+        let (ck, cv) = self.kv.as_ref().expect("allocated above");
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += t;
+        Ok((ck.narrow(2, 0, self.len)?, cv.narrow(2, 0, self.len)?))
+    }
+}
+
 /// Past keys/values of every layer, plus each row's key positions (`None` = padding).
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerCache>,
     key_pos: Vec<Vec<Option<u32>>>,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache that holds `capacity` positions per row before it must grow.
+    pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
+        let layer = LayerCache {
+            capacity_hint: capacity,
+            ..LayerCache::default()
+        };
         Self {
-            layers: vec![None; num_layers],
+            layers: vec![layer; num_layers],
             key_pos: vec![],
         }
     }
@@ -356,18 +395,16 @@ impl KvCache {
         if rows.len() == self.key_pos.len() {
             return Ok(());
         }
-        let device = match self.layers.iter().flatten().next() {
-            Some((k, _)) => k.device().clone(),
-            None => Device::Cpu,
-        };
-        let idx = Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            rows.len(),
-            &device,
-        )?;
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
+        for layer in &mut self.layers {
+            if let Some((k, v)) = &mut layer.kv {
+                let idx = Tensor::from_vec(
+                    rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                    rows.len(),
+                    k.device(),
+                )?;
+                *k = k.index_select(&idx, 0)?;
+                *v = v.index_select(&idx, 0)?;
+            }
         }
         self.key_pos = rows
             .iter()
@@ -647,15 +684,28 @@ impl Decoder {
         seg.matmul(&tok.unsqueeze(1)?)?.squeeze(1)
     }
 
-    /// Head outputs `[b, num_labels]` at each row's last real token (reward models).
+    /// Head outputs `[b, num_labels]` of each row at the index transformers'
+    /// `*ForSequenceClassification` reads: the last token that is not
+    /// `config.pad_token_id` (the last token when no pad id is set). Only a
+    /// row's real tokens are considered, so batching never changes the result.
+    /// When pad == eos, a trailing EOS is skipped, exactly as in transformers.
     pub fn last_token_scores(&self, batch: &PaddedBatch) -> CResult<Tensor> {
         let hidden = self.hidden(batch)?;
         let (b, t, h) = hidden.dims3()?;
+        let ids = batch.input_ids.to_vec2::<u32>()?;
         let idx: Vec<u32> = batch
             .lens
             .iter()
+            .zip(&ids)
             .enumerate()
-            .map(|(row, &l)| (row * t + l - 1) as u32)
+            .map(|(row, (&l, ids))| {
+                let last = match self.cfg.pad_token_id {
+                    // argmax over (index · non_pad) in transformers: 0 when all are pads.
+                    Some(pad) => ids[..l].iter().rposition(|&x| x != pad).unwrap_or(0),
+                    None => l - 1,
+                };
+                (row * t + last) as u32
+            })
             .collect();
         let idx = Tensor::from_vec(idx, b, hidden.device())?;
         self.apply_head(&hidden.reshape((b * t, h))?.index_select(&idx, 0)?)

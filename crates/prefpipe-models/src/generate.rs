@@ -140,8 +140,8 @@ pub(crate) fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut Ch
     let mut keep = vec![true; scaled.len()];
     if params.top_k > 0 && params.top_k < scaled.len() {
         let mut sorted = scaled.clone();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        let kth = sorted[params.top_k - 1];
+        let (_, &mut kth, _) =
+            sorted.select_nth_unstable_by(params.top_k - 1, |a, b| b.total_cmp(a));
         // Like transformers: every token tied with the k-th survives.
         keep.iter_mut()
             .zip(&scaled)

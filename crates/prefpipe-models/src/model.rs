@@ -675,7 +675,8 @@ impl Model {
             ids.extend(std::iter::repeat_n(self.pad_id, pad).chain(p.iter().copied()));
             q_pos.extend((0..width).map(|i| (i >= pad).then(|| (i - pad) as u32)));
         }
-        let mut cache = KvCache::new(self.config.num_hidden_layers);
+        let capacity = (width + params.max_new_tokens).min(self.max_len());
+        let mut cache = KvCache::with_capacity(self.config.num_hidden_layers, capacity);
         let input = Tensor::from_vec(ids, (b, width), &self.device)?;
         let hidden = self
             .decoder

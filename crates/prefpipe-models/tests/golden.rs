@@ -768,3 +768,35 @@ fn trainable_model_matches_inference_and_saves() {
 fn load_path(dir: &Path) -> Model {
     Model::load(dir, &Device::Cpu).unwrap()
 }
+
+/// With `pad_token_id` == eos (as many reward models ship), the score is read
+/// at the last non-pad token, before the trailing EOS — as transformers does.
+/// Expected: models_golden.py `run_reward` "pad_is_eos".
+#[test]
+fn rewards_follow_transformers_when_pad_is_eos() {
+    let g = golden("tiny-llama-rm");
+    let pad = g["pad_is_eos"]["pad_token_id"].as_u64().unwrap();
+    let dir = copy_dir("tiny-llama-rm");
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["pad_token_id"] = Value::from(pad);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let model = load_path(dir.path());
+    let pairs = rust_pairs(&model, &g, false);
+    let batched = model.rewards(&pairs).unwrap();
+    for (i, want) in g["pad_is_eos"]["plain_rewards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let alone = model.rewards(std::slice::from_ref(&pairs[i])).unwrap()[0];
+        for got in [batched[i], alone] {
+            assert!(
+                rel_err(got, f(want)) <= REL_TOL,
+                "pair {i}: {got} vs transformers {want}"
+            );
+        }
+    }
+}
