@@ -185,6 +185,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             for s in prefpipe_select::FILTER {
                 println!("  {:<16} {}", s.name, s.about);
             }
+            println!("  {:<16} {}", prefpipe_select::ches::NAME, prefpipe_select::ches::ABOUT);
             Ok(())
         }
     }

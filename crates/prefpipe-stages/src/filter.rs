@@ -1,4 +1,5 @@
-//! `filter`: pairs → fewer pairs, with a strategy from `prefpipe_select::FILTER`.
+//! `filter`: pairs → fewer pairs, with a strategy from `prefpipe_select::FILTER`,
+//! or `ches`, which needs the model to be trained (see `ches.rs`).
 
 use prefpipe_core::stage::{Arity, StageKind};
 
@@ -6,8 +7,18 @@ use crate::strategy_stage;
 
 pub const KIND: StageKind = StageKind {
     name: "filter",
-    about: "drop pairs (strategy: margin, ches, ...)",
+    about: "drop pairs (strategy: margin, ches)",
     arity: Arity::One,
-    build: |v| Ok(Box::new(strategy_stage::build(v, "filter", prefpipe_select::FILTER)?)),
-    schema: || strategy_stage::schema("filter", prefpipe_select::FILTER),
+    build: |v| {
+        if v.get("strategy").and_then(|s| s.as_str()) == Some(prefpipe_select::ches::NAME) {
+            let mut rest = v.clone();
+            rest.as_object_mut().expect("a mapping").remove("strategy");
+            return Ok(Box::new(crate::ches::build(&rest)?));
+        }
+        Ok(Box::new(strategy_stage::build(v, "filter", prefpipe_select::FILTER, &[prefpipe_select::ches::NAME])?))
+    },
+    schema: || {
+        let ches = (prefpipe_select::ches::NAME, prefpipe_select::ches::ABOUT, prefpipe_select::ches::schema());
+        strategy_stage::schema("filter", prefpipe_select::FILTER, Some(ches))
+    },
 };

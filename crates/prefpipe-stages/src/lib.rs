@@ -4,6 +4,7 @@
 
 use prefpipe_core::stage::StageKind;
 
+mod ches;
 pub mod export;
 pub mod filter;
 pub mod generate;

@@ -14,8 +14,9 @@ pub struct StrategyStage {
 }
 
 /// Splits `strategy:` off the config and builds it from `list`.
-pub fn build(v: &serde_json::Value, stage: &str, list: &'static [StrategyKind]) -> Result<StrategyStage, Vec<ConfigError>> {
-    let names: Vec<&str> = list.iter().map(|k| k.name).collect();
+/// `extra` names strategies the stage handles itself (listed in messages).
+pub fn build(v: &serde_json::Value, stage: &str, list: &'static [StrategyKind], extra: &[&'static str]) -> Result<StrategyStage, Vec<ConfigError>> {
+    let names: Vec<&str> = list.iter().map(|k| k.name).chain(extra.iter().copied()).collect();
     let mut rest = v.as_object().cloned().unwrap_or_default();
     let Some(name) = rest.remove("strategy") else {
         return Err(vec![ConfigError::new(format!("a `{stage}` stage needs a `strategy` (one of: {})", names.join(", ")))]);
@@ -32,16 +33,19 @@ pub fn build(v: &serde_json::Value, stage: &str, list: &'static [StrategyKind]) 
 }
 
 /// JSON Schema of a strategy stage: `strategy` plus one of the strategies' configs.
-pub fn schema(stage: &str, list: &'static [StrategyKind]) -> schemars::Schema {
+/// `extra`: one more strategy (name, about, schema) handled by the stage itself.
+pub fn schema(stage: &str, list: &'static [StrategyKind], extra: Option<(&str, &str, schemars::Schema)>) -> schemars::Schema {
     let variants: Vec<serde_json::Value> = list
         .iter()
-        .map(|k| {
-            let mut s = serde_json::to_value((k.schema)()).expect("schema serializes");
+        .map(|k| (k.name, k.about, (k.schema)()))
+        .chain(extra)
+        .map(|(name, about, schema)| {
+            let mut s = serde_json::to_value(schema).expect("schema serializes");
             if let Some(o) = s.as_object_mut() {
                 o.remove("$schema");
-                o.insert("description".into(), k.about.into());
+                o.insert("description".into(), about.into());
                 let props = o.entry("properties").or_insert_with(|| serde_json::json!({}));
-                props.as_object_mut().expect("properties").insert("strategy".into(), serde_json::json!({"const": k.name}));
+                props.as_object_mut().expect("properties").insert("strategy".into(), serde_json::json!({"const": name}));
                 let req = o.entry("required").or_insert_with(|| serde_json::json!([]));
                 req.as_array_mut().expect("required").push("strategy".into());
             }
