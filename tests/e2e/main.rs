@@ -2,5 +2,6 @@
 
 mod bad_input;
 mod cli;
+mod models;
 mod common;
 mod resume;
