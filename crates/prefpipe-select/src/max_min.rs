@@ -80,6 +80,57 @@ mod tests {
     }
 
     #[test]
+    fn arrow_counts_every_drop_reason() {
+        use std::sync::Arc;
+
+        use arrow::array::{Float64Array, StringArray, UInt32Array};
+        use arrow::datatypes::{DataType, Field, Schema};
+
+        // Prompt a: [NaN, 1, 3] → NaN dropped (1 row), pair (idx 2 > idx 1).
+        // Prompt b: [null, 5]   → null dropped (1 row), one sample left → too_few_samples.
+        // Prompt c: [2, 2]      → all equal → tie.
+        // Prompt d: [inf, -1, 0] → inf dropped (1 row), pair (idx 2 > idx 1).
+        let ids = ["a", "a", "a", "b", "b", "c", "c", "d", "d", "d"];
+        let idx = [0u32, 1, 2, 0, 1, 0, 1, 0, 1, 2];
+        let reward = [Some(f64::NAN), Some(1.0), Some(3.0), None, Some(5.0), Some(2.0), Some(2.0), Some(f64::INFINITY), Some(-1.0), Some(0.0)];
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("prompt_id", DataType::Utf8, false),
+            Field::new("prompt", DataType::Utf8, false),
+            Field::new("sample_idx", DataType::UInt32, false),
+            Field::new("response", DataType::Utf8, false),
+            Field::new("reward", DataType::Float64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(ids.to_vec())),
+                Arc::new(StringArray::from(ids.to_vec())),
+                Arc::new(UInt32Array::from(idx.to_vec())),
+                Arc::new(StringArray::from(idx.iter().map(|i| format!("r{i}")).collect::<Vec<_>>())),
+                Arc::new(Float64Array::from(reward.to_vec())),
+            ],
+        )
+        .unwrap();
+        let s = MaxMin {};
+        let out_schema = s.plan(&[Input { id: "scored", schema: &schema }]).unwrap();
+        let out = s.run(&[batch], &out_schema).unwrap();
+        assert_eq!(out.drops.get("non_finite_reward"), Some(&3));
+        assert_eq!(out.drops.get("too_few_samples"), Some(&1));
+        assert_eq!(out.drops.get("tie"), Some(&1));
+        let b = &out.batches[0];
+        assert_eq!(b.num_rows(), 2);
+        let got = arrow::util::pretty::pretty_format_batches(&[b.project(&[0, 4, 5, 8]).unwrap()]).unwrap().to_string();
+        let want = "\
++-----------+------------+--------------+--------+
+| prompt_id | chosen_idx | rejected_idx | margin |
++-----------+------------+--------------+--------+
+| a         | 2          | 1            | 2.0    |
+| d         | 2          | 1            | 1.0    |
++-----------+------------+--------------+--------+";
+        assert_eq!(got, want, "\n{got}");
+    }
+
+    #[test]
     fn drops_ties_and_singletons() {
         // all equal: argmax = argmin = idx 0, chosen_reward > rejected_reward fails → tie.
         assert_eq!(pick(&cands(&[2.0, 2.0, 2.0])), Err(DropReason::Tie));
