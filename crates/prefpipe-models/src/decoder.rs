@@ -74,9 +74,14 @@ impl Rope {
             .step_by(2)
             .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
             .collect();
-        match cfg.rope_scaling {
+        match &cfg.rope_scaling {
             RopeScaling::None => {}
-            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor as f32),
+            RopeScaling::Linear { factor } => {
+                inv_freq.iter_mut().for_each(|f| *f /= *factor as f32)
+            }
+            RopeScaling::FreqFactors(factors) => {
+                inv_freq.iter_mut().zip(factors).for_each(|(f, d)| *f /= d)
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -85,11 +90,11 @@ impl Rope {
             } => {
                 // transformers `_compute_llama3_parameters`, element by element.
                 let (factor, low, high) = (
-                    factor as f32,
-                    low_freq_factor as f32,
-                    high_freq_factor as f32,
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
                 );
-                let old_len = original_max_position_embeddings as f32;
+                let old_len = *original_max_position_embeddings as f32;
                 let low_freq_wavelen = old_len / low;
                 let high_freq_wavelen = old_len / high;
                 for f in inv_freq.iter_mut() {
@@ -111,6 +116,11 @@ impl Rope {
             }
         }
         Self { inv_freq }
+    }
+
+    /// The inverse frequencies (after any scaling).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
     }
 
     /// `cos`, `sin` of shape `[b, 1, t, head_dim]` for per-token positions (row-major `b × t`).

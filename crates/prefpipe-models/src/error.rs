@@ -78,7 +78,11 @@ pub enum Error {
     Tokenizer { what: String, msg: String },
 
     /// The model has no chat template but one was asked for.
-    #[error("{}: no chat_template (in tokenizer_config.json or chat_template.jinja), but chat_template: true was asked for", path.display())]
+    #[error(
+        "{}: the model has no chat template (tokenizer_config.json `chat_template`, chat_template.jinja \
+         or GGUF `tokenizer.chat_template`), but chat_template: true was asked for",
+        path.display()
+    )]
     NoChatTemplate { path: PathBuf },
 
     /// Rendering the chat template failed (including the template's own `raise_exception`).

