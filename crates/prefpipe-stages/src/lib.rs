@@ -10,6 +10,8 @@ pub mod filter;
 pub mod generate;
 pub mod logprob;
 mod model_ref;
+mod rules;
+pub mod score;
 pub mod select;
 pub mod source;
 pub mod sql;
@@ -19,6 +21,7 @@ mod strategy_stage;
 pub const KINDS: &[StageKind] = &[
     source::KIND,
     generate::KIND,
+    score::KIND,
     logprob::KIND,
     select::KIND,
     filter::KIND,
