@@ -21,6 +21,7 @@ pub mod generate;
 mod gguf;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
 
 pub use candle_core::Device;
 pub use ches::ches;
