@@ -25,15 +25,7 @@ use crate::decoder::Decoder;
 use crate::error::{invalid_input, Result};
 
 /// The linear layers LoRA may target (the checkpoint's module names).
-pub const LORA_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub const LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// Rank, scaling and target modules.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,44 +48,23 @@ pub struct Lora {
 
 impl Lora {
     /// Adapters for the base weights named `*.<target>.weight` (`shapes`: name → `[out, in]`).
-    pub fn new(
-        shapes: &BTreeMap<String, Vec<usize>>,
-        cfg: &LoraConfig,
-        seed: u64,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(shapes: &BTreeMap<String, Vec<usize>>, cfg: &LoraConfig, seed: u64, device: &Device) -> Result<Self> {
         if cfg.r == 0 {
             return Err(invalid_input("LoRA rank r", "at least 1", 0));
         }
-        if let Some(bad) = cfg
-            .targets
-            .iter()
-            .find(|t| !LORA_TARGETS.contains(&t.as_str()))
-        {
-            return Err(invalid_input(
-                "LoRA target",
-                format!("one of {}", LORA_TARGETS.join(", ")),
-                bad,
-            ));
+        if let Some(bad) = cfg.targets.iter().find(|t| !LORA_TARGETS.contains(&t.as_str())) {
+            return Err(invalid_input("LoRA target", format!("one of {}", LORA_TARGETS.join(", ")), bad));
         }
         let mut adapters = BTreeMap::new();
         for (name, shape) in shapes {
             let Some(module) = name.strip_suffix(".weight") else {
                 continue;
             };
-            if !cfg
-                .targets
-                .iter()
-                .any(|t| module.ends_with(&format!(".{t}")))
-            {
+            if !cfg.targets.iter().any(|t| module.ends_with(&format!(".{t}"))) {
                 continue;
             }
             let [out, inp] = shape[..] else {
-                return Err(invalid_input(
-                    format!("shape of {name}"),
-                    "[out, in]",
-                    format!("{shape:?}"),
-                ));
+                return Err(invalid_input(format!("shape of {name}"), "[out, in]", format!("{shape:?}")));
             };
             let mut h = blake3::Hasher::new();
             h.update(&seed.to_le_bytes());
@@ -101,24 +72,15 @@ impl Lora {
             h.update(name.as_bytes());
             let mut rng = ChaCha8Rng::from_seed(*h.finalize().as_bytes());
             let bound = 1.0 / (inp as f64).sqrt();
-            let a: Vec<f32> = (0..cfg.r * inp)
-                .map(|_| rng.random_range(-bound..bound) as f32)
-                .collect();
+            let a: Vec<f32> = (0..cfg.r * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
             let a = Var::from_vec(a, (cfg.r, inp), device)?;
             let b = Var::zeros((out, cfg.r), DType::F32, device)?;
             adapters.insert(name.clone(), (a, b));
         }
         if adapters.is_empty() {
-            return Err(invalid_input(
-                "LoRA targets",
-                "modules present in the model",
-                cfg.targets.join(", "),
-            ));
+            return Err(invalid_input("LoRA targets", "modules present in the model", cfg.targets.join(", ")));
         }
-        Ok(Lora {
-            cfg: cfg.clone(),
-            adapters,
-        })
+        Ok(Lora { cfg: cfg.clone(), adapters })
     }
 
     pub fn scale(&self) -> f64 {
@@ -150,12 +112,7 @@ impl Lora {
     }
 
     /// A decoder over the frozen `base` weights with the adapters merged in.
-    pub fn decoder(
-        &self,
-        cfg: &ModelConfig,
-        base: &HashMap<String, Tensor>,
-        device: &Device,
-    ) -> Result<Decoder> {
+    pub fn decoder(&self, cfg: &ModelConfig, base: &HashMap<String, Tensor>, device: &Device) -> Result<Decoder> {
         let backend = Merged { base, lora: self };
         let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
         Ok(Decoder::new(cfg, vb)?)
@@ -169,41 +126,17 @@ struct Merged<'a> {
 }
 
 impl SimpleBackend for Merged<'_> {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
-            Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            }
-            .bt())?
+            Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: s, got: t.shape().clone() }.bt())?
         }
         Ok(t)
     }
 
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let w = self.base.get(name).ok_or_else(|| {
-            candle_core::Error::CannotFindTensor {
-                path: name.to_string(),
-            }
-            .bt()
-        })?;
-        self.lora
-            .merged(name, w)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        let w = self.base.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        self.lora.merged(name, w).map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -229,55 +162,30 @@ mod tests {
 
     #[test]
     fn adapters_start_at_zero_and_are_seeded() {
-        let cfg = LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            targets: vec!["q_proj".into(), "up_proj".into()],
-        };
+        let cfg = LoraConfig { r: 2, alpha: 4.0, targets: vec!["q_proj".into(), "up_proj".into()] };
         let a = Lora::new(&shapes(), &cfg, 7, &Device::Cpu).unwrap();
         let b = Lora::new(&shapes(), &cfg, 7, &Device::Cpu).unwrap();
         let names: Vec<&str> = a.targets().collect();
-        assert_eq!(
-            names,
-            [
-                "model.layers.0.mlp.up_proj.weight",
-                "model.layers.0.self_attn.q_proj.weight"
-            ]
-        );
+        assert_eq!(names, ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"]);
         assert_eq!(a.scale(), 2.0);
         for ((n, x), (_, y)) in a.vars().iter().zip(b.vars()) {
-            let (x, y) = (
-                x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            );
+            let (x, y) = (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             assert_eq!(x, y, "{n}: same seed, same init");
             if n.contains("lora_B") {
                 assert!(x.iter().all(|&v| v == 0.0), "{n}: B starts at 0");
             } else {
-                assert!(
-                    x.iter().all(|&v| v.abs() <= 0.5) && x.iter().any(|&v| v != 0.0),
-                    "{n}: U(−1/√4, 1/√4)"
-                );
+                assert!(x.iter().all(|&v| v.abs() <= 0.5) && x.iter().any(|&v| v != 0.0), "{n}: U(−1/√4, 1/√4)");
             }
         }
         // B = 0: the merged weight is the base weight.
         let w = Tensor::ones((8, 4), DType::F32, &Device::Cpu).unwrap();
-        let m = a
-            .merged("model.layers.0.self_attn.q_proj.weight", &w)
-            .unwrap();
+        let m = a.merged("model.layers.0.self_attn.q_proj.weight", &w).unwrap();
         assert_eq!(m.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
     }
 
     #[test]
     fn bad_targets_are_refused() {
-        let cfg = LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            targets: vec!["qproj".into()],
-        };
-        assert!(Lora::new(&shapes(), &cfg, 0, &Device::Cpu)
-            .unwrap_err()
-            .to_string()
-            .contains("one of q_proj"));
+        let cfg = LoraConfig { r: 2, alpha: 4.0, targets: vec!["qproj".into()] };
+        assert!(Lora::new(&shapes(), &cfg, 0, &Device::Cpu).unwrap_err().to_string().contains("one of q_proj"));
     }
 }

@@ -108,15 +108,9 @@ fn correct(x: f64) -> f64 {
 /// ℓ = −log σ(β·[(sθ(y⁺) − s_ref(y⁺)) − (sθ(y⁻) − s_ref(y⁻))]), batch loss = mean over pairs.
 pub fn dpo(policy: &[f64], reference: &[f64], beta: f64) -> LossOut {
     assert_eq!(policy.len(), reference.len());
-    assert!(
-        policy.len().is_multiple_of(2),
-        "DPO takes chosen/rejected pairs"
-    );
+    assert!(policy.len().is_multiple_of(2), "DPO takes chosen/rejected pairs");
     let n = (policy.len() / 2) as f64;
-    let mut out = LossOut {
-        grad: vec![0.0; policy.len()],
-        ..Default::default()
-    };
+    let mut out = LossOut { grad: vec![0.0; policy.len()], ..Default::default() };
     for (k, (p, r)) in policy.chunks(2).zip(reference.chunks(2)).enumerate() {
         let z = beta * ((p[0] - r[0]) - (p[1] - r[1]));
         out.loss -= log_sigmoid(z) / n;
@@ -124,14 +118,7 @@ pub fn dpo(policy: &[f64], reference: &[f64], beta: f64) -> LossOut {
         let g = -sigmoid(-z) * beta / n;
         out.grad[2 * k] = g;
         out.grad[2 * k + 1] = -g;
-        out.stats.add(&Stats {
-            pairs: 1.0,
-            correct: correct(z),
-            margin: z,
-            items: 1.0,
-            chosen_logp: p[0],
-            rejected_logp: p[1],
-        });
+        out.stats.add(&Stats { pairs: 1.0, correct: correct(z), margin: z, items: 1.0, chosen_logp: p[0], rejected_logp: p[1] });
     }
     out
 }
@@ -176,11 +163,7 @@ pub fn lambda_weights(scores: &[f64], psi: &[f64]) -> Vec<(usize, usize, f64)> {
     for i in 0..psi.len() {
         for j in 0..psi.len() {
             if psi[i] > psi[j] {
-                out.push((
-                    i,
-                    j,
-                    (gain[i] - gain[j]).abs() * (inv_d[i] - inv_d[j]).abs(),
-                ));
+                out.push((i, j, (gain[i] - gain[j]).abs() * (inv_d[i] - inv_d[j]).abs()));
             }
         }
     }
@@ -193,27 +176,18 @@ pub fn lambda_weights(scores: &[f64], psi: &[f64]) -> Vec<(usize, usize, f64)> {
 /// `grad` follows the concatenation of the lists' sequences.
 pub fn lipo(lists: &[List], beta: f64) -> LossOut {
     let total: usize = lists.iter().map(|l| l.policy.len()).sum();
-    let mut out = LossOut {
-        grad: vec![0.0; total],
-        ..Default::default()
-    };
-    let counted: Vec<Option<Vec<f64>>> =
-        lists.iter().map(|l| normalised_labels(l.rewards)).collect();
+    let mut out = LossOut { grad: vec![0.0; total], ..Default::default() };
+    let counted: Vec<Option<Vec<f64>>> = lists.iter().map(|l| normalised_labels(l.rewards)).collect();
     let n = counted.iter().filter(|p| p.is_some()).count() as f64;
     let mut at = 0;
     for (l, psi) in lists.iter().zip(&counted) {
         let k = l.policy.len();
-        assert!(
-            l.reference.len() == k && l.rewards.len() == k,
-            "a list's log-probs and rewards must align"
-        );
+        assert!(l.reference.len() == k && l.rewards.len() == k, "a list's log-probs and rewards must align");
         let Some(psi) = psi else {
             at += k;
             continue;
         };
-        let s: Vec<f64> = (0..k)
-            .map(|i| beta * (l.policy[i] - l.reference[i]))
-            .collect();
+        let s: Vec<f64> = (0..k).map(|i| beta * (l.policy[i] - l.reference[i])).collect();
         for (i, j, delta) in lambda_weights(&s, psi) {
             let d = s[i] - s[j];
             out.loss -= delta * log_sigmoid(d) / n;
@@ -293,21 +267,9 @@ mod tests {
         let delta = 1.0 / 2f64.ln() - 1.0 / 3f64.ln();
         assert!(close(delta, 0.5324558142621261, 1e-15));
         for (pol, refr) in [([-1.0, -2.0], [-3.0, -2.0]), ([-5.0, -1.0], [-4.0, -1.5])] {
-            let lipo = lipo(
-                &[List {
-                    policy: &pol,
-                    reference: &refr,
-                    rewards: &[2.5, -1.0],
-                }],
-                0.7,
-            );
+            let lipo = lipo(&[List { policy: &pol, reference: &refr, rewards: &[2.5, -1.0] }], 0.7);
             let d = dpo(&pol, &refr, 0.7);
-            assert!(
-                close(lipo.loss, delta * d.loss, 1e-14),
-                "{} vs {}",
-                lipo.loss,
-                delta * d.loss
-            );
+            assert!(close(lipo.loss, delta * d.loss, 1e-14), "{} vs {}", lipo.loss, delta * d.loss);
             for (a, b) in lipo.grad.iter().zip(&d.grad) {
                 assert!(close(*a, delta * b, 1e-14));
             }
@@ -330,32 +292,12 @@ mod tests {
         assert_eq!((w[0].0, w[0].1), (0, 2));
         assert_eq!((w[1].0, w[1].1), (1, 2));
         assert!(close(w[0].2, d02, 1e-15) && close(w[1].2, d12, 1e-15));
-        let out = lipo(
-            &[List {
-                policy: &pol,
-                reference: &refr,
-                rewards: &[1.0, 1.0, 0.0],
-            }],
-            beta,
-        );
+        let out = lipo(&[List { policy: &pol, reference: &refr, rewards: &[1.0, 1.0, 0.0] }], beta);
         let expected = -d02 * log_sigmoid(0.2 - -0.4) - d12 * log_sigmoid(0.6 - -0.4);
         assert!(close(out.loss, expected, 1e-15));
         assert_eq!(out.stats.pairs, 2.0);
         // Gradient by central differences (Δ held fixed: ranks do not change nearby).
-        let num = numeric_grad(
-            |p| {
-                lipo(
-                    &[List {
-                        policy: p,
-                        reference: &refr,
-                        rewards: &[1.0, 1.0, 0.0],
-                    }],
-                    beta,
-                )
-                .loss
-            },
-            &pol,
-        );
+        let num = numeric_grad(|p| lipo(&[List { policy: p, reference: &refr, rewards: &[1.0, 1.0, 0.0] }], beta).loss, &pol);
         for (a, b) in out.grad.iter().zip(&num) {
             assert!(close(*a, *b, 1e-7), "{a} vs {b}");
         }
@@ -364,37 +306,16 @@ mod tests {
     #[test]
     fn all_equal_lists_are_skipped_and_ranks_are_stable() {
         assert_eq!(normalised_labels(&[3.0, 3.0, 3.0]), None);
-        assert_eq!(
-            normalised_labels(&[1.0, 3.0, 2.0]),
-            Some(vec![0.0, 1.0, 0.5])
-        );
+        assert_eq!(normalised_labels(&[1.0, 3.0, 2.0]), Some(vec![0.0, 1.0, 0.5]));
         assert_eq!(ranks(&[0.5, 0.9, 0.5, -1.0]), vec![2, 1, 3, 4]);
         let a = [-1.0, -2.0];
         let flat = [-1.0, -1.0];
         // The skipped list does not count in the mean: the loss equals the other list's.
         let both = lipo(
-            &[
-                List {
-                    policy: &a,
-                    reference: &flat,
-                    rewards: &[1.0, 1.0],
-                },
-                List {
-                    policy: &a,
-                    reference: &flat,
-                    rewards: &[1.0, 0.0],
-                },
-            ],
+            &[List { policy: &a, reference: &flat, rewards: &[1.0, 1.0] }, List { policy: &a, reference: &flat, rewards: &[1.0, 0.0] }],
             1.0,
         );
-        let one = lipo(
-            &[List {
-                policy: &a,
-                reference: &flat,
-                rewards: &[1.0, 0.0],
-            }],
-            1.0,
-        );
+        let one = lipo(&[List { policy: &a, reference: &flat, rewards: &[1.0, 0.0] }], 1.0);
         assert!(close(both.loss, one.loss, 1e-15));
         assert_eq!(&both.grad[..2], &[0.0, 0.0]);
         assert_eq!(both.stats.items, 1.0);

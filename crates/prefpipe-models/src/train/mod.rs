@@ -12,6 +12,4 @@ pub mod trainer;
 pub use lora::{LoraConfig, LORA_TARGETS};
 pub use optim::AdamWConfig;
 pub use schedule::{LrSchedule, Schedule};
-pub use trainer::{
-    cached_reference_logps, reference_logps, Example, Method, MetricsRow, TrainOptions, Trainer,
-};
+pub use trainer::{cached_reference_logps, reference_logps, Example, Method, MetricsRow, TrainOptions, Trainer};

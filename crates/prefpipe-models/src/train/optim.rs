@@ -34,12 +34,7 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// transformers' `TrainingArguments` defaults (no weight decay).
     fn default() -> Self {
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
 }
 
@@ -48,9 +43,7 @@ impl Default for AdamWConfig {
 pub fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), Some((start, end)), DType::F32) =
-            (&*storage, layout.contiguous_offsets(), t.dtype())
-        {
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end)), DType::F32) = (&*storage, layout.contiguous_offsets(), t.dtype()) {
             return Ok(f(&cpu.as_slice::<f32>()?[start..end]));
         }
     }
@@ -60,12 +53,7 @@ pub fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 
 /// √Σ‖gᵢ‖², accumulated in f64.
 pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
-    grads
-        .iter()
-        .flat_map(|g| g.iter())
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt()
+    grads.iter().flat_map(|g| g.iter()).map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
 }
 
 /// Scales the gradients so their global norm is at most `max_norm`, as
@@ -76,10 +64,7 @@ pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     if coef < 1.0 {
         let c = coef as f32;
-        grads
-            .iter_mut()
-            .flat_map(|g| g.iter_mut())
-            .for_each(|x| *x *= c);
+        grads.iter_mut().flat_map(|g| g.iter_mut()).for_each(|x| *x *= c);
     }
     norm
 }
@@ -96,17 +81,8 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Self {
-        let m: Vec<Vec<f32>> = params
-            .iter()
-            .map(|(_, p)| vec![0f32; p.elem_count()])
-            .collect();
-        AdamW {
-            v: m.clone(),
-            m,
-            params,
-            steps: 0,
-            cfg,
-        }
+        let m: Vec<Vec<f32>> = params.iter().map(|(_, p)| vec![0f32; p.elem_count()]).collect();
+        AdamW { v: m.clone(), m, params, steps: 0, cfg }
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -124,11 +100,7 @@ impl AdamW {
 
     /// Adds each parameter's gradient from a backward pass into `acc`
     /// (a parameter the loss does not reach adds nothing).
-    pub fn accumulate(
-        &self,
-        grads: &candle_core::backprop::GradStore,
-        acc: &mut [Vec<f32>],
-    ) -> Result<()> {
+    pub fn accumulate(&self, grads: &candle_core::backprop::GradStore, acc: &mut [Vec<f32>]) -> Result<()> {
         for ((_, p), a) in self.params.iter().zip(acc.iter_mut()) {
             if let Some(g) = grads.get(p.as_tensor()) {
                 with_host(g, |g| a.iter_mut().zip(g).for_each(|(a, g)| *a += g))?;
@@ -140,20 +112,11 @@ impl AdamW {
     /// One update with learning rate `lr`; `grads[i]` belongs to `params()[i]`.
     pub fn step(&mut self, grads: &[Vec<f32>], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            return Err(invalid_input(
-                "gradients",
-                format!("{} tensors", self.params.len()),
-                grads.len(),
-            ));
+            return Err(invalid_input("gradients", format!("{} tensors", self.params.len()), grads.len()));
         }
         self.steps += 1;
         let t = self.steps as i32;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.cfg;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         // The scalars torch computes in Python floats, then casts to the tensor's f32.
         let decay = (1.0 - lr * weight_decay) as f32;
         let w1 = (1.0 - beta1) as f32;
@@ -165,11 +128,7 @@ impl AdamW {
             let g = &grads[i];
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
             if g.len() != m.len() {
-                return Err(invalid_input(
-                    format!("gradient of {name}"),
-                    format!("{} values", m.len()),
-                    g.len(),
-                ));
+                return Err(invalid_input(format!("gradient of {name}"), format!("{} values", m.len()), g.len()));
             }
             let new = with_host(p.as_tensor(), |p| {
                 let mut out = Vec::with_capacity(p.len());
@@ -192,14 +151,8 @@ impl AdamW {
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, (name, p)) in self.params.iter().enumerate() {
-            out.insert(
-                format!("exp_avg.{name}"),
-                Tensor::from_slice(&self.m[i], p.shape(), &Device::Cpu)?,
-            );
-            out.insert(
-                format!("exp_avg_sq.{name}"),
-                Tensor::from_slice(&self.v[i], p.shape(), &Device::Cpu)?,
-            );
+            out.insert(format!("exp_avg.{name}"), Tensor::from_slice(&self.m[i], p.shape(), &Device::Cpu)?);
+            out.insert(format!("exp_avg_sq.{name}"), Tensor::from_slice(&self.v[i], p.shape(), &Device::Cpu)?);
         }
         Ok(out)
     }
@@ -209,16 +162,10 @@ impl AdamW {
         for (i, (name, _)) in self.params.iter().enumerate() {
             for (prefix, buf) in [("exp_avg", &mut self.m[i]), ("exp_avg_sq", &mut self.v[i])] {
                 let key = format!("{prefix}.{name}");
-                let t = state.get(&key).ok_or_else(|| {
-                    invalid_input("optimizer state", format!("a tensor `{key}`"), "none")
-                })?;
+                let t = state.get(&key).ok_or_else(|| invalid_input("optimizer state", format!("a tensor `{key}`"), "none"))?;
                 let vals = t.flatten_all()?.to_vec1::<f32>()?;
                 if vals.len() != buf.len() {
-                    return Err(invalid_input(
-                        format!("optimizer state `{key}`"),
-                        format!("{} values", buf.len()),
-                        vals.len(),
-                    ));
+                    return Err(invalid_input(format!("optimizer state `{key}`"), format!("{} values", buf.len()), vals.len()));
                 }
                 *buf = vals;
             }
@@ -248,13 +195,7 @@ mod tests {
     #[test]
     fn first_step_moves_by_lr() {
         let p = Var::from_slice(&[1.0f32, -2.0, 0.5], 3, &Device::Cpu).unwrap();
-        let mut opt = AdamW::new(
-            vec![("w".into(), p.clone())],
-            AdamWConfig {
-                weight_decay: 0.1,
-                ..Default::default()
-            },
-        );
+        let mut opt = AdamW::new(vec![("w".into(), p.clone())], AdamWConfig { weight_decay: 0.1, ..Default::default() });
         opt.step(&[vec![0.5, -3.0, 0.0]], 0.01).unwrap();
         let got = p.as_tensor().to_vec1::<f32>().unwrap();
         let want = [1.0 * 0.999 - 0.01, -2.0 * 0.999 + 0.01, 0.5 * 0.999];

@@ -29,12 +29,7 @@ pub struct Schedule {
 impl Schedule {
     pub fn new(kind: LrSchedule, peak: f64, warmup_ratio: f64, total_steps: u64) -> Self {
         let warmup_steps = (warmup_ratio * total_steps as f64).ceil() as u64;
-        Schedule {
-            kind,
-            peak,
-            warmup_steps,
-            total_steps,
-        }
+        Schedule { kind, peak, warmup_steps, total_steps }
     }
 
     /// The learning rate used by optimizer step `step` (1-based). transformers'
@@ -82,12 +77,7 @@ mod tests {
             0.03806023374435663,
         ];
         for (i, w) in want.iter().enumerate() {
-            assert!(
-                (s.lr(i as u64 + 1) - w).abs() < 1e-15,
-                "step {}: {} vs {w}",
-                i + 1,
-                s.lr(i as u64 + 1)
-            );
+            assert!((s.lr(i as u64 + 1) - w).abs() < 1e-15, "step {}: {} vs {w}", i + 1, s.lr(i as u64 + 1));
         }
     }
 
@@ -97,9 +87,6 @@ mod tests {
         assert!((1..=7).all(|t| s.lr(t) == 2e-5));
         // ceil(0.25 · 7) = 2 warmup steps: 0, ½·peak, then peak.
         let s = Schedule::new(LrSchedule::Constant, 2e-5, 0.25, 7);
-        assert_eq!(
-            [s.lr(1), s.lr(2), s.lr(3), s.lr(7)],
-            [0.0, 1e-5, 2e-5, 2e-5]
-        );
+        assert_eq!([s.lr(1), s.lr(2), s.lr(3), s.lr(7)], [0.0, 1e-5, 2e-5, 2e-5]);
     }
 }

@@ -105,11 +105,7 @@ impl TrainOptions {
             return bad("lr", "a number > 0", self.lr.to_string());
         }
         if self.batch_size == 0 || self.grad_accum == 0 || self.save_every == 0 {
-            return bad(
-                "batch_size / grad_accum / save_every",
-                "at least 1",
-                "0".into(),
-            );
+            return bad("batch_size / grad_accum / save_every", "at least 1", "0".into());
         }
         if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
             return bad("epochs / max_steps", "at least 1", "0".into());
@@ -133,26 +129,16 @@ pub struct Example {
 
 impl Example {
     pub fn pair(prompt: Vec<u32>, chosen: Vec<u32>, rejected: Vec<u32>) -> Self {
-        Example {
-            prompt,
-            responses: vec![chosen, rejected],
-            rewards: vec![1.0, 0.0],
-        }
+        Example { prompt, responses: vec![chosen, rejected], rewards: vec![1.0, 0.0] }
     }
 
     pub fn list(prompt: Vec<u32>, responses: Vec<Vec<u32>>, rewards: Vec<f64>) -> Self {
-        Example {
-            prompt,
-            responses,
-            rewards,
-        }
+        Example { prompt, responses, rewards }
     }
 
     /// (prompt, response) token pairs, in response order.
     pub fn sequences(&self) -> impl Iterator<Item = (Vec<u32>, Vec<u32>)> + '_ {
-        self.responses
-            .iter()
-            .map(|r| (self.prompt.clone(), r.clone()))
+        self.responses.iter().map(|r| (self.prompt.clone(), r.clone()))
     }
 
     /// Longest prompt ⊕ response.
@@ -217,19 +203,12 @@ pub fn examples_digest(examples: &[Example]) -> [u8; 32] {
 
 /// Reference log-probs from the cache file at `path` when it was written for
 /// these examples, else from `compute` (then cached, atomically).
-pub fn cached_reference_logps(
-    path: &Path,
-    examples: &[Example],
-    compute: impl FnOnce() -> Result<Vec<Vec<f64>>>,
-) -> Result<Vec<Vec<f64>>> {
+pub fn cached_reference_logps(path: &Path, examples: &[Example], compute: impl FnOnce() -> Result<Vec<Vec<f64>>>) -> Result<Vec<Vec<f64>>> {
     let digest = examples_digest(examples);
     let n: usize = examples.iter().map(|e| e.responses.len()).sum();
     if let Ok(bytes) = std::fs::read(path) {
         if bytes.len() == 8 + 32 + 8 * n && &bytes[..8] == CACHE_MAGIC && bytes[8..40] == digest {
-            let flat: Vec<f64> = bytes[40..]
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect();
+            let flat: Vec<f64> = bytes[40..].chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
             let mut out = Vec::with_capacity(examples.len());
             let mut at = 0;
             for e in examples {
@@ -243,18 +222,13 @@ pub fn cached_reference_logps(
     let mut bytes = Vec::with_capacity(40 + 8 * n);
     bytes.extend_from_slice(CACHE_MAGIC);
     bytes.extend_from_slice(&digest);
-    v.iter()
-        .flatten()
-        .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    v.iter().flatten().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
     write_atomic(path, &bytes)?;
     Ok(v)
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 /// Writes a file via a temp file + rename.
@@ -320,83 +294,44 @@ impl Trainer {
         checkpoints: Option<PathBuf>,
     ) -> Result<Self> {
         opts.validate()?;
-        let varmap = model.varmap().ok_or_else(|| {
-            invalid_input(
-                "model to train",
-                "one loaded with Model::load_trainable",
-                "an inference model",
-            )
-        })?;
+        let varmap =
+            model.varmap().ok_or_else(|| invalid_input("model to train", "one loaded with Model::load_trainable", "an inference model"))?;
         if examples.is_empty() {
             return Err(invalid_input("training examples", "at least one", 0));
         }
         if reference.len() != examples.len() {
-            return Err(invalid_input(
-                "reference log-probs",
-                format!("{} examples", examples.len()),
-                reference.len(),
-            ));
+            return Err(invalid_input("reference log-probs", format!("{} examples", examples.len()), reference.len()));
         }
         for (i, (e, r)) in examples.iter().zip(&reference).enumerate() {
-            if e.responses.len() < 2
-                || e.rewards.len() != e.responses.len()
-                || r.len() != e.responses.len()
-            {
+            if e.responses.len() < 2 || e.rewards.len() != e.responses.len() || r.len() != e.responses.len() {
                 return Err(invalid_input(
                     format!("example {i}"),
                     "at least 2 responses, with one reward and one reference log-prob each",
-                    format!(
-                        "{} responses, {} rewards, {} log-probs",
-                        e.responses.len(),
-                        e.rewards.len(),
-                        r.len()
-                    ),
+                    format!("{} responses, {} rewards, {} log-probs", e.responses.len(), e.rewards.len(), r.len()),
                 ));
             }
             if loss::normalised_labels(&e.rewards).is_none() {
-                return Err(invalid_input(
-                    format!("rewards of example {i}"),
-                    "not all equal",
-                    format!("{:?}", e.rewards),
-                ));
+                return Err(invalid_input(format!("rewards of example {i}"), "not all equal", format!("{:?}", e.rewards)));
             }
             if opts.method == Method::Dpo && e.responses.len() != 2 {
-                return Err(invalid_input(
-                    format!("example {i}"),
-                    "a pair for DPO",
-                    format!("{} responses", e.responses.len()),
-                ));
+                return Err(invalid_input(format!("example {i}"), "a pair for DPO", format!("{} responses", e.responses.len())));
             }
             if e.max_len() > model.max_len() {
-                return Err(Error::SequenceTooLong {
-                    index: i,
-                    len: e.max_len(),
-                    max: model.max_len(),
-                });
+                return Err(Error::SequenceTooLong { index: i, len: e.max_len(), max: model.max_len() });
             }
         }
         let vars: Vec<(String, Var)> = {
-            let data = varmap
-                .data()
-                .lock()
-                .map_err(|_| invalid_input("VarMap", "an unpoisoned lock", "poisoned"))?;
-            let mut v: Vec<(String, Var)> =
-                data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let data = varmap.data().lock().map_err(|_| invalid_input("VarMap", "an unpoisoned lock", "poisoned"))?;
+            let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             v.sort_by(|a, b| a.0.cmp(&b.0));
             v
         };
         let (lora, params) = match &opts.lora {
             None => (None, vars),
             Some(cfg) => {
-                let shapes: BTreeMap<String, Vec<usize>> = vars
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.dims().to_vec()))
-                    .collect();
+                let shapes: BTreeMap<String, Vec<usize>> = vars.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
                 let adapters = Lora::new(&shapes, cfg, opts.seed, model.device())?;
-                let base: HashMap<String, Tensor> = vars
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
-                    .collect();
+                let base: HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_detached_tensor())).collect();
                 let params = adapters.vars();
                 (Some((base, adapters)), params)
             }
@@ -497,9 +432,7 @@ impl Trainer {
         }
         let perm = &self.perm.as_ref().expect("set above").1;
         let micro = n.div_ceil(b);
-        (j * g..((j + 1) * g).min(micro))
-            .map(|m| perm[m * b..((m + 1) * b).min(n)].to_vec())
-            .collect()
+        (j * g..((j + 1) * g).min(micro)).map(|m| perm[m * b..((m + 1) * b).min(n)].to_vec()).collect()
     }
 
     /// Log-probs of one micro-batch's sequences (differentiable) and the loss.
@@ -519,10 +452,7 @@ impl Trainer {
         let beta = self.opts.beta;
         let out = match self.opts.method {
             Method::Dpo => {
-                let reference: Vec<f64> = idx
-                    .iter()
-                    .flat_map(|&i| self.reference[i].iter().copied())
-                    .collect();
+                let reference: Vec<f64> = idx.iter().flat_map(|&i| self.reference[i].iter().copied()).collect();
                 loss::dpo(&pol, &reference, beta)
             }
             Method::Lipo => {
@@ -531,11 +461,7 @@ impl Trainer {
                     .iter()
                     .map(|&i| {
                         let k = self.examples[i].responses.len();
-                        let l = List {
-                            policy: &pol[at..at + k],
-                            reference: &self.reference[i],
-                            rewards: &self.examples[i].rewards,
-                        };
+                        let l = List { policy: &pol[at..at + k], reference: &self.reference[i], rewards: &self.examples[i].rewards };
                         at += k;
                         l
                     })
@@ -573,11 +499,7 @@ impl Trainer {
             self.opt.accumulate(&surrogate.backward()?, &mut grads)?;
         }
         if !loss.is_finite() {
-            return Err(invalid_input(
-                format!("loss at step {t}"),
-                "a finite number",
-                loss,
-            ));
+            return Err(invalid_input(format!("loss at step {t}"), "a finite number", loss));
         }
         if let Some(max) = self.opts.max_grad_norm {
             clip_grad_norm(&mut grads, max);
@@ -628,12 +550,7 @@ impl Trainer {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        let weights: HashMap<String, Tensor> = self
-            .opt
-            .params()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
-            .collect();
+        let weights: HashMap<String, Tensor> = self.opt.params().iter().map(|(k, v)| (k.clone(), v.as_detached_tensor())).collect();
         candle_core::safetensors::save(&weights, tmp.join("trainable.safetensors"))?;
         candle_core::safetensors::save(&self.opt.state()?, tmp.join("optimizer.safetensors"))?;
         let state = State {
@@ -644,21 +561,14 @@ impl Trainer {
             starts: self.starts.clone(),
             metrics: self.metrics.clone(),
         };
-        let json = serde_json::to_vec_pretty(&state).map_err(|source| Error::Json {
-            path: tmp.join("state.json"),
-            source,
-        })?;
+        let json = serde_json::to_vec_pretty(&state).map_err(|source| Error::Json { path: tmp.join("state.json"), source })?;
         std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
         let dir = root.join(&name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
         std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
-        let latest = serde_json::to_vec(&Latest {
-            step: self.step,
-            dir: name.clone(),
-        })
-        .expect("serializes");
+        let latest = serde_json::to_vec(&Latest { step: self.step, dir: name.clone() }).expect("serializes");
         write_atomic(&root.join("latest.json"), &latest)?;
         // Older checkpoints are no longer needed.
         for e in std::fs::read_dir(root).map_err(io(root))?.flatten() {
@@ -685,19 +595,14 @@ impl Trainer {
         let Ok(bytes) = std::fs::read(dir.join("state.json")) else {
             return Ok(());
         };
-        let state: State = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-            path: dir.join("state.json"),
-            source,
-        })?;
+        let state: State = serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: dir.join("state.json"), source })?;
         if state.fingerprint != self.fingerprint {
             return Ok(());
         }
         let device = self.model.device().clone();
         let weights = candle_core::safetensors::load(dir.join("trainable.safetensors"), &device)?;
         for (name, var) in self.opt.params() {
-            let t = weights
-                .get(name)
-                .ok_or_else(|| invalid_input("checkpoint", format!("a tensor `{name}`"), "none"))?;
+            let t = weights.get(name).ok_or_else(|| invalid_input("checkpoint", format!("a tensor `{name}`"), "none"))?;
             var.set(t)?;
         }
         let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
@@ -718,10 +623,7 @@ impl Trainer {
             let mut tensors = BTreeMap::new();
             for (name, w) in base {
                 let t = lora.merged(name, w)?.detach();
-                tensors.insert(
-                    name.clone(),
-                    (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?),
-                );
+                tensors.insert(name.clone(), (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?));
             }
             crate::fixture::write_safetensors(&out.join("model.safetensors"), &tensors)?;
         }
@@ -736,28 +638,9 @@ mod tests {
     #[test]
     fn options_are_checked() {
         assert!(TrainOptions::default().validate().is_ok());
-        let e = TrainOptions {
-            lr: 0.0,
-            ..Default::default()
-        }
-        .validate()
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("invalid lr: expected a number > 0, got 0"),
-            "{e}"
-        );
-        assert!(TrainOptions {
-            lr: -1e-3,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
-        assert!(TrainOptions {
-            warmup_ratio: 1.0,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
+        let e = TrainOptions { lr: 0.0, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(e.contains("invalid lr: expected a number > 0, got 0"), "{e}");
+        assert!(TrainOptions { lr: -1e-3, ..Default::default() }.validate().is_err());
+        assert!(TrainOptions { warmup_ratio: 1.0, ..Default::default() }.validate().is_err());
     }
 }
