@@ -41,12 +41,8 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
-        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        x.broadcast_mul(&inv_rms)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
     }
 }
 
@@ -70,40 +66,20 @@ impl Rope {
         let dim = cfg.head_dim;
         let base = cfg.rope_theta as f32;
         // transformers: 1 / base ** (arange(0, dim, 2).float() / dim), in float32.
-        let mut inv_freq: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
-            .collect();
+        let mut inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect();
         match &cfg.rope_scaling {
             RopeScaling::None => {}
-            RopeScaling::Linear { factor } => {
-                inv_freq.iter_mut().for_each(|f| *f /= *factor as f32)
-            }
-            RopeScaling::FreqFactors(factors) => {
-                inv_freq.iter_mut().zip(factors).for_each(|(f, d)| *f /= d)
-            }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= *factor as f32),
+            RopeScaling::FreqFactors(factors) => inv_freq.iter_mut().zip(factors).for_each(|(f, d)| *f /= d),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 // transformers `_compute_llama3_parameters`, element by element.
-                let (factor, low, high) = (
-                    *factor as f32,
-                    *low_freq_factor as f32,
-                    *high_freq_factor as f32,
-                );
+                let (factor, low, high) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
                 let old_len = *original_max_position_embeddings as f32;
                 let low_freq_wavelen = old_len / low;
                 let high_freq_wavelen = old_len / high;
                 for f in inv_freq.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    let scaled = if wavelen > low_freq_wavelen {
-                        *f / factor
-                    } else {
-                        *f
-                    };
+                    let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
                     // ~(wavelen < high) * ~(wavelen > low); inv_freq is finite, so no NaN.
                     let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                     *f = if medium {
@@ -124,13 +100,7 @@ impl Rope {
     }
 
     /// `cos`, `sin` of shape `[b, 1, t, head_dim]` for per-token positions (row-major `b × t`).
-    pub fn tables(
-        &self,
-        positions: &[u32],
-        b: usize,
-        t: usize,
-        device: &Device,
-    ) -> CResult<(Tensor, Tensor)> {
+    pub fn tables(&self, positions: &[u32], b: usize, t: usize, device: &Device) -> CResult<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * 2 * half);
         let mut sin = Vec::with_capacity(positions.len() * 2 * half);
@@ -146,10 +116,7 @@ impl Rope {
             sin.extend_from_within(start..start + half);
         }
         let shape = (b, 1, t, 2 * half);
-        Ok((
-            Tensor::from_vec(cos, shape, device)?,
-            Tensor::from_vec(sin, shape, device)?,
-        ))
+        Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
     }
 }
 
@@ -198,10 +165,7 @@ impl Attention {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let (q_norm, k_norm) = if cfg.qk_norm {
-            (
-                Some(RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("q_norm"))?),
-                Some(RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("k_norm"))?),
-            )
+            (Some(RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("q_norm"))?), Some(RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("k_norm"))?))
         } else {
             (None, None)
         };
@@ -219,14 +183,7 @@ impl Attention {
     }
 
     /// `x`: `[b, t, hidden]`; `mask`: additive `[b, 1, 1, t, t_keys]`; `cache`: this layer's past keys/values.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        cache: Option<&mut LayerCache>,
-    ) -> CResult<Tensor> {
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let n_rep = nh / nkv;
@@ -248,15 +205,9 @@ impl Attention {
         // dimension attends with no repeat_kv copy of keys and values.
         let q = q.contiguous()?.reshape((b, nkv, n_rep * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores
-            .reshape((b, nkv, n_rep, t, tk))?
-            .broadcast_add(mask)?;
+        let scores = scores.reshape((b, nkv, n_rep, t, tk))?.broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * t, tk))?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
     }
 }
@@ -297,39 +248,16 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> CResult<Self> {
         Ok(Self {
-            input_layernorm: RmsNorm::new(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("input_layernorm"),
-            )?,
+            input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: RmsNorm::new(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            post_attention_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
         })
     }
 
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        cache: Option<&mut LayerCache>,
-    ) -> CResult<Tensor> {
-        let h = (x + self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
-            cos,
-            sin,
-            mask,
-            cache,
-        )?)?;
-        &h + self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&h)?)?
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?)?;
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
     }
 }
 
@@ -381,14 +309,8 @@ impl KvCache {
 
     /// A cache that holds `capacity` positions per row before it must grow.
     pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
-        let layer = LayerCache {
-            capacity_hint: capacity,
-            ..LayerCache::default()
-        };
-        Self {
-            layers: vec![layer; num_layers],
-            key_pos: vec![],
-        }
+        let layer = LayerCache { capacity_hint: capacity, ..LayerCache::default() };
+        Self { layers: vec![layer; num_layers], key_pos: vec![] }
     }
 
     /// Number of cached key slots per row.
@@ -407,19 +329,12 @@ impl KvCache {
         }
         for layer in &mut self.layers {
             if let Some((k, v)) = &mut layer.kv {
-                let idx = Tensor::from_vec(
-                    rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                    rows.len(),
-                    k.device(),
-                )?;
+                let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), k.device())?;
                 *k = k.index_select(&idx, 0)?;
                 *v = v.index_select(&idx, 0)?;
             }
         }
-        self.key_pos = rows
-            .iter()
-            .map(|&r| std::mem::take(&mut self.key_pos[r]))
-            .collect();
+        self.key_pos = rows.iter().map(|&r| std::mem::take(&mut self.key_pos[r])).collect();
         Ok(())
     }
 }
@@ -436,11 +351,8 @@ pub struct DecoderBody {
 
 impl DecoderBody {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> CResult<Self> {
-        let embed_tokens =
-            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
-            .collect::<CResult<Vec<_>>>()?;
+        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i))).collect::<CResult<Vec<_>>>()?;
         Ok(Self {
             embed_tokens,
             layers,
@@ -459,12 +371,7 @@ impl DecoderBody {
     /// `input_ids`: `[b, t]` u32; `q_pos`: per token (row-major) its position in
     /// its own sequence, `None` for padding. With a cache, the new tokens come
     /// after the cached ones and the cache is extended.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        q_pos: &[Option<u32>],
-        cache: Option<&mut KvCache>,
-    ) -> CResult<Tensor> {
+    pub fn forward(&self, input_ids: &Tensor, q_pos: &[Option<u32>], cache: Option<&mut KvCache>) -> CResult<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if q_pos.len() != b * t {
             candle_core::bail!("q_pos has {} entries for a {b}x{t} batch", q_pos.len());
@@ -486,10 +393,7 @@ impl DecoderBody {
             }
             None => {
                 let keys: Vec<Vec<Option<u32>>> = rows.iter().map(|r| r.to_vec()).collect();
-                (
-                    attention_mask(&rows, &keys, self.sliding_window, device)?,
-                    None,
-                )
+                (attention_mask(&rows, &keys, self.sliding_window, device)?, None)
             }
         };
         let positions: Vec<u32> = q_pos.iter().map(|p| p.unwrap_or(0)).collect();
@@ -506,12 +410,7 @@ impl DecoderBody {
 /// Additive mask `[b, 1, 1, t, t_keys]`: query (pos p) sees key (pos k) iff the
 /// key is a real token, k ≤ p and p − k < window. The last `t` keys are the
 /// queries' own slots; a padded query sees only its own slot.
-fn attention_mask(
-    queries: &[&[Option<u32>]],
-    keys: &[Vec<Option<u32>>],
-    window: Option<usize>,
-    device: &Device,
-) -> CResult<Tensor> {
+fn attention_mask(queries: &[&[Option<u32>]], keys: &[Vec<Option<u32>>], window: Option<usize>, device: &Device) -> CResult<Tensor> {
     let b = queries.len();
     let t = queries.first().map_or(0, |r| r.len());
     let tk = keys.first().map_or(0, Vec::len);
@@ -562,12 +461,7 @@ impl PaddedBatch {
             ids.extend(std::iter::repeat_n(pad_id, width - s.len()));
             q_pos.extend((0..width).map(|i| (i < s.len()).then_some(i as u32)));
         }
-        Ok(Self {
-            input_ids: Tensor::from_vec(ids, (seqs.len(), width), device)?,
-            q_pos,
-            lens: seqs.iter().map(Vec::len).collect(),
-            width,
-        })
+        Ok(Self { input_ids: Tensor::from_vec(ids, (seqs.len(), width), device)?, q_pos, lens: seqs.iter().map(Vec::len).collect(), width })
     }
 }
 
@@ -593,23 +487,13 @@ impl Decoder {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> CResult<Self> {
         let body = DecoderBody::new(cfg, vb.pp("model"))?;
         let head = match cfg.head {
-            HeadKind::CausalLm if cfg.tie_word_embeddings => {
-                Head::Lm(Linear::new(body.embed_tokens.embeddings().clone(), None))
+            HeadKind::CausalLm if cfg.tie_word_embeddings => Head::Lm(Linear::new(body.embed_tokens.embeddings().clone(), None)),
+            HeadKind::CausalLm => Head::Lm(candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?),
+            HeadKind::SequenceClassification { num_labels } => {
+                Head::Score(candle_nn::linear_no_bias(cfg.hidden_size, num_labels, vb.pp("score"))?)
             }
-            HeadKind::CausalLm => Head::Lm(candle_nn::linear_no_bias(
-                cfg.hidden_size,
-                cfg.vocab_size,
-                vb.pp("lm_head"),
-            )?),
-            HeadKind::SequenceClassification { num_labels } => Head::Score(
-                candle_nn::linear_no_bias(cfg.hidden_size, num_labels, vb.pp("score"))?,
-            ),
         };
-        Ok(Self {
-            body,
-            head,
-            cfg: cfg.clone(),
-        })
+        Ok(Self { body, head, cfg: cfg.clone() })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -644,38 +528,32 @@ impl Decoder {
     /// Hidden states `[n, hidden]` at the positions that predict the response
     /// tokens (the last prompt token … the second-to-last response token),
     /// concatenated over rows, for pairs whose prompt/response lengths are given.
-    pub fn response_hidden(
-        &self,
-        batch: &PaddedBatch,
-        split: &[(usize, usize)],
-    ) -> CResult<Tensor> {
+    pub fn response_hidden(&self, batch: &PaddedBatch, split: &[(usize, usize)]) -> CResult<Tensor> {
+        if split.len() != batch.lens.len() {
+            candle_core::bail!("{} (prompt, response) splits for {} rows", split.len(), batch.lens.len());
+        }
+        for (row, (&(p, r), &len)) in split.iter().zip(&batch.lens).enumerate() {
+            if p == 0 || r == 0 || p + r != len {
+                candle_core::bail!("row {row}: prompt {p} + response {r} tokens must both be non-empty and sum to the row length {len}");
+            }
+        }
         let hidden = self.hidden(batch)?;
         let (b, t, h) = hidden.dims3()?;
         let idx = response_positions(split, t);
-        let idx = Tensor::from_vec(idx.clone(), idx.len(), hidden.device())?;
+        let n = idx.len();
+        let idx = Tensor::from_vec(idx, n, hidden.device())?;
         hidden.reshape((b * t, h))?.index_select(&idx, 0)
     }
 
     /// Log-probabilities `[n]` of each response token (EOS included), concatenated
     /// over rows; differentiable. `batch` rows are prompt ⊕ response with the
     /// given (prompt_len, response_len).
-    pub fn response_token_logps(
-        &self,
-        batch: &PaddedBatch,
-        split: &[(usize, usize)],
-    ) -> CResult<Tensor> {
+    pub fn response_token_logps(&self, batch: &PaddedBatch, split: &[(usize, usize)]) -> CResult<Tensor> {
         let h = self.response_hidden(batch, split)?;
         let logp = log_softmax_last_dim(&self.apply_head(&h)?)?;
         let (ids, t) = (batch.input_ids.flatten_all()?, batch.width);
-        let targets: Vec<u32> = split
-            .iter()
-            .enumerate()
-            .flat_map(|(row, &(p, r))| (p..p + r).map(move |i| (row * t + i) as u32))
-            .collect();
-        let targets = ids.index_select(
-            &Tensor::from_vec(targets.clone(), targets.len(), ids.device())?,
-            0,
-        )?;
+        let targets: Vec<u32> = split.iter().enumerate().flat_map(|(row, &(p, r))| (p..p + r).map(move |i| (row * t + i) as u32)).collect();
+        let targets = ids.index_select(&Tensor::from_vec(targets.clone(), targets.len(), ids.device())?, 0)?;
         logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
     }
 
@@ -724,11 +602,7 @@ impl Decoder {
 
 /// Flat indices (row · t + i) of the positions predicting each response token.
 fn response_positions(split: &[(usize, usize)], t: usize) -> Vec<u32> {
-    split
-        .iter()
-        .enumerate()
-        .flat_map(|(row, &(p, r))| (p - 1..p - 1 + r).map(move |i| (row * t + i) as u32))
-        .collect()
+    split.iter().enumerate().flat_map(|(row, &(p, r))| (p - 1..p - 1 + r).map(move |i| (row * t + i) as u32)).collect()
 }
 
 #[cfg(test)]
@@ -767,23 +641,13 @@ mod tests {
     }
 
     fn seqs() -> Vec<(Vec<u32>, Vec<u32>)> {
-        vec![
-            (vec![1, 5, 7, 9], vec![3, 4, 2]),
-            (vec![1, 8], vec![11, 12, 13, 14, 15, 16, 2]),
-            (vec![1, 20, 21, 22, 23, 24, 25], vec![2]),
-        ]
+        vec![(vec![1, 5, 7, 9], vec![3, 4, 2]), (vec![1, 8], vec![11, 12, 13, 14, 15, 16, 2]), (vec![1, 20, 21, 22, 23, 24, 25], vec![2])]
     }
 
     fn batch_of(pairs: &[(Vec<u32>, Vec<u32>)]) -> (PaddedBatch, Vec<(usize, usize)>) {
-        let full: Vec<Vec<u32>> = pairs
-            .iter()
-            .map(|(p, r)| [p.as_slice(), r].concat())
-            .collect();
+        let full: Vec<Vec<u32>> = pairs.iter().map(|(p, r)| [p.as_slice(), r].concat()).collect();
         let split = pairs.iter().map(|(p, r)| (p.len(), r.len())).collect();
-        (
-            PaddedBatch::right_padded(&full, 0, &Device::Cpu).unwrap(),
-            split,
-        )
+        (PaddedBatch::right_padded(&full, 0, &Device::Cpu).unwrap(), split)
     }
 
     /// Every trainable tensor — embeddings, every projection and bias, every norm
@@ -792,21 +656,14 @@ mod tests {
     #[test]
     fn backward_reaches_every_weight() {
         for family in Family::ALL {
-            for head in [
-                HeadKind::CausalLm,
-                HeadKind::SequenceClassification { num_labels: 1 },
-            ] {
+            for head in [HeadKind::CausalLm, HeadKind::SequenceClassification { num_labels: 1 }] {
                 let cfg = tiny_config(family, head);
                 let varmap = VarMap::new();
                 let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
                 let model = Decoder::new(&cfg, vb).unwrap();
                 let (batch, split) = batch_of(&seqs());
                 let loss = match head {
-                    HeadKind::CausalLm => model
-                        .sequence_logps(&batch, &split)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap(),
+                    HeadKind::CausalLm => model.sequence_logps(&batch, &split).unwrap().sum_all().unwrap(),
                     _ => model.last_token_scores(&batch).unwrap().sum_all().unwrap(),
                 };
                 let grads = loss.backward().unwrap();
@@ -821,20 +678,9 @@ mod tests {
                     + usize::from(!cfg.tie_word_embeddings || head != HeadKind::CausalLm);
                 assert_eq!(names.len(), expected, "{family:?} {head:?}: {names:?}");
                 for name in &names {
-                    let g = grads
-                        .get(data[name].as_tensor())
-                        .unwrap_or_else(|| panic!("{family:?} {head:?}: no gradient for {name}"));
-                    let norm = g
-                        .sqr()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
-                    assert!(
-                        norm > 0.0 && norm.is_finite(),
-                        "{family:?} {head:?}: gradient of {name} is {norm}"
-                    );
+                    let g = grads.get(data[name].as_tensor()).unwrap_or_else(|| panic!("{family:?} {head:?}: no gradient for {name}"));
+                    let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(norm > 0.0 && norm.is_finite(), "{family:?} {head:?}: gradient of {name} is {norm}");
                 }
             }
         }
@@ -846,30 +692,14 @@ mod tests {
         for family in Family::ALL {
             let cfg = tiny_config(family, HeadKind::CausalLm);
             let varmap = VarMap::new();
-            let model = Decoder::new(
-                &cfg,
-                VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-            )
-            .unwrap();
+            let model = Decoder::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
             let pairs = seqs();
             let (batch, split) = batch_of(&pairs);
-            let together = model
-                .sequence_logps(&batch, &split)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let together = model.sequence_logps(&batch, &split).unwrap().to_vec1::<f32>().unwrap();
             for (i, pair) in pairs.iter().enumerate() {
                 let (b1, s1) = batch_of(std::slice::from_ref(pair));
-                let alone = model
-                    .sequence_logps(&b1, &s1)
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()[0];
-                assert!(
-                    (alone - together[i]).abs() <= 1e-5 * alone.abs().max(1.0),
-                    "{family:?} {i}: {alone} vs {}",
-                    together[i]
-                );
+                let alone = model.sequence_logps(&b1, &s1).unwrap().to_vec1::<f32>().unwrap()[0];
+                assert!((alone - together[i]).abs() <= 1e-5 * alone.abs().max(1.0), "{family:?} {i}: {alone} vs {}", together[i]);
             }
         }
     }
@@ -881,24 +711,14 @@ mod tests {
         for family in Family::ALL {
             let cfg = tiny_config(family, HeadKind::CausalLm);
             let varmap = VarMap::new();
-            let model = Decoder::new(
-                &cfg,
-                VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-            )
-            .unwrap();
+            let model = Decoder::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
             let full: Vec<Vec<u32>> = vec![(1..12).collect(), (20..29).collect()];
             let unpadded: Vec<Vec<f32>> = full
                 .iter()
                 .map(|s| {
-                    let b = PaddedBatch::right_padded(std::slice::from_ref(s), 0, &Device::Cpu)
-                        .unwrap();
+                    let b = PaddedBatch::right_padded(std::slice::from_ref(s), 0, &Device::Cpu).unwrap();
                     let h = model.hidden(&b).unwrap();
-                    h.get(0)
-                        .unwrap()
-                        .get(s.len() - 1)
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
+                    h.get(0).unwrap().get(s.len() - 1).unwrap().to_vec1::<f32>().unwrap()
                 })
                 .collect();
             // Prompts of 6 and 4 tokens, left-padded to 6; then decode the rest.
@@ -912,10 +732,7 @@ mod tests {
             }
             let mut cache = KvCache::new(cfg.num_hidden_layers);
             let input = Tensor::from_vec(ids, (2, 6), &Device::Cpu).unwrap();
-            model
-                .body()
-                .forward(&input, &q_pos, Some(&mut cache))
-                .unwrap();
+            model.body().forward(&input, &q_pos, Some(&mut cache)).unwrap();
             let mut next = prompt_lens;
             let mut last = vec![vec![]; 2];
             // Row 0 needs 5 more tokens, row 1 needs 5 more: step both together.
@@ -923,10 +740,7 @@ mod tests {
                 let ids: Vec<u32> = (0..2).map(|r| full[r][next[r]]).collect();
                 let q_pos: Vec<Option<u32>> = (0..2).map(|r| Some(next[r] as u32)).collect();
                 let input = Tensor::from_vec(ids, (2, 1), &Device::Cpu).unwrap();
-                let h = model
-                    .body()
-                    .forward(&input, &q_pos, Some(&mut cache))
-                    .unwrap();
+                let h = model.body().forward(&input, &q_pos, Some(&mut cache)).unwrap();
                 for r in 0..2 {
                     last[r] = h.get(r).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
                     next[r] += 1;

@@ -31,35 +31,20 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            min_p: 0.0,
-            max_new_tokens: 256,
-            stop_strings: vec![],
-        }
+        Self { temperature: 1.0, top_p: 1.0, top_k: 0, min_p: 0.0, max_new_tokens: 256, stop_strings: vec![] }
     }
 }
 
 impl SamplingParams {
     /// Greedy decoding of at most `max_new_tokens` tokens.
     pub fn greedy(max_new_tokens: usize) -> Self {
-        Self {
-            temperature: 0.0,
-            max_new_tokens,
-            ..Self::default()
-        }
+        Self { temperature: 0.0, max_new_tokens, ..Self::default() }
     }
 
     /// Checks every parameter's range.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(invalid_input(
-                "temperature",
-                "a finite number >= 0",
-                self.temperature,
-            ));
+            return Err(invalid_input("temperature", "a finite number >= 0", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(invalid_input("top_p", "a number in (0, 1]", self.top_p));
@@ -133,45 +118,40 @@ pub(crate) fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut Ch
         }
         return best as u32;
     }
-    let scaled: Vec<f64> = logits
-        .iter()
-        .map(|&x| value(x) / params.temperature)
-        .collect();
+    let scaled: Vec<f64> = logits.iter().map(|&x| value(x) / params.temperature).collect();
     let mut keep = vec![true; scaled.len()];
     if params.top_k > 0 && params.top_k < scaled.len() {
         let mut sorted = scaled.clone();
-        let (_, &mut kth, _) =
-            sorted.select_nth_unstable_by(params.top_k - 1, |a, b| b.total_cmp(a));
+        let (_, &mut kth, _) = sorted.select_nth_unstable_by(params.top_k - 1, |a, b| b.total_cmp(a));
         // Like transformers: every token tied with the k-th survives.
-        keep.iter_mut()
-            .zip(&scaled)
-            .for_each(|(k, &x)| *k &= x >= kth);
+        keep.iter_mut().zip(&scaled).for_each(|(k, &x)| *k &= x >= kth);
     }
-    let max = scaled
-        .iter()
-        .zip(&keep)
-        .filter(|(_, &k)| k)
-        .map(|(&x, _)| x)
-        .fold(f64::NEG_INFINITY, f64::max);
-    let mut probs: Vec<f64> = scaled
-        .iter()
-        .zip(&keep)
-        .map(|(&x, &k)| if k { (x - max).exp() } else { 0.0 })
-        .collect();
+    let max = scaled.iter().zip(&keep).filter(|(_, &k)| k).map(|(&x, _)| x).fold(f64::NEG_INFINITY, f64::max);
+    let mut probs: Vec<f64> = scaled.iter().zip(&keep).map(|(&x, &k)| if k { (x - max).exp() } else { 0.0 }).collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if params.top_p < 1.0 {
+        // The nucleus is usually a few tokens: sort only the top m, doubling m
+        // until their mass reaches top_p, instead of sorting the whole vocabulary.
+        let by_prob = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b));
         let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
-        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-        let mut cum = 0.0;
-        let mut cut = order.len();
-        for (n, &i) in order.iter().enumerate() {
-            cum += probs[i];
-            if cum >= params.top_p {
-                cut = n + 1;
-                break;
+        let mut m = 64.min(order.len());
+        let cut = loop {
+            if m < order.len() {
+                order.select_nth_unstable_by(m - 1, by_prob);
             }
-        }
+            order[..m].sort_unstable_by(by_prob);
+            let mut cum = 0.0;
+            let found = order[..m].iter().position(|&i| {
+                cum += probs[i];
+                cum >= params.top_p
+            });
+            match found {
+                Some(n) => break n + 1,
+                None if m == order.len() => break m,
+                None => m = (2 * m).min(order.len()),
+            }
+        };
         for &i in &order[cut..] {
             probs[i] = 0.0;
         }
@@ -211,46 +191,61 @@ mod tests {
 
     fn draws(params: &SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
         let mut rng = rng_for(3);
-        (0..n)
-            .map(|_| sample_token(logits, params, &mut rng))
-            .collect()
+        (0..n).map(|_| sample_token(logits, params, &mut rng)).collect()
     }
 
     #[test]
     fn greedy_takes_first_max() {
-        assert_eq!(
-            draws(&SamplingParams::greedy(1), &[0.0, 2.0, f32::NAN, 2.0], 1),
-            vec![1]
-        );
+        assert_eq!(draws(&SamplingParams::greedy(1), &[0.0, 2.0, f32::NAN, 2.0], 1), vec![1]);
     }
 
     #[test]
     fn filters_restrict_the_support() {
         let logits = [3.0f32, 2.9, 2.8, -1.0, -2.0];
-        let top_k = SamplingParams {
-            top_k: 2,
-            ..Default::default()
-        };
+        let top_k = SamplingParams { top_k: 2, ..Default::default() };
         assert!(draws(&top_k, &logits, 200).iter().all(|&t| t < 2));
         // softmax ≈ (0.36, 0.33, 0.30, 0.007, 0.002): top_p 0.5 keeps two tokens.
-        let top_p = SamplingParams {
-            top_p: 0.5,
-            ..Default::default()
-        };
+        let top_p = SamplingParams { top_p: 0.5, ..Default::default() };
         assert!(draws(&top_p, &logits, 200).iter().all(|&t| t < 2));
         // min_p 0.1 drops tokens below 0.1 × 0.36.
-        let min_p = SamplingParams {
-            min_p: 0.1,
-            ..Default::default()
-        };
+        let min_p = SamplingParams { min_p: 0.1, ..Default::default() };
         let d = draws(&min_p, &logits, 500);
         assert!(d.iter().all(|&t| t < 3) && d.contains(&2));
         // A very low temperature is almost greedy.
-        let cold = SamplingParams {
-            temperature: 1e-3,
-            ..Default::default()
-        };
+        let cold = SamplingParams { temperature: 1e-3, ..Default::default() };
         assert!(draws(&cold, &logits, 50).iter().all(|&t| t == 0));
+    }
+
+    /// The partial-sort nucleus equals the full-sort definition.
+    #[test]
+    fn top_p_partial_sort_is_exact() {
+        let mut rng = rng_for(9);
+        for trial in 0..20 {
+            let v = 50 + trial * 37;
+            let logits: Vec<f32> = (0..v).map(|_| (rng.random::<f32>() - 0.5) * (trial as f32 + 1.0)).collect();
+            let top_p = 0.3 + 0.035 * trial as f64;
+            let probs: Vec<f64> = {
+                let m = logits.iter().fold(f32::MIN, |a, &b| a.max(b));
+                let e: Vec<f64> = logits.iter().map(|&x| f64::from(x - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                e.iter().map(|x| x / s).collect()
+            };
+            let mut order: Vec<usize> = (0..v).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            let mut cum = 0.0;
+            let n = order
+                .iter()
+                .position(|&i| {
+                    cum += probs[i];
+                    cum >= top_p
+                })
+                .map_or(v, |n| n + 1);
+            let nucleus: std::collections::BTreeSet<u32> = order[..n].iter().map(|&i| i as u32).collect();
+            let params = SamplingParams { top_p, ..Default::default() };
+            let mut r = rng_for(trial as u64);
+            let drawn: std::collections::BTreeSet<u32> = (0..400).map(|_| sample_token(&logits, &params, &mut r)).collect();
+            assert!(drawn.is_subset(&nucleus), "trial {trial}: {drawn:?} outside {nucleus:?}");
+        }
     }
 
     #[test]
@@ -259,35 +254,18 @@ mod tests {
         let p = SamplingParams::default();
         assert_eq!(draws(&p, &logits, 100), draws(&p, &logits, 100));
         let mut other = rng_for(4);
-        let d2: Vec<u32> = (0..100)
-            .map(|_| sample_token(&logits, &p, &mut other))
-            .collect();
+        let d2: Vec<u32> = (0..100).map(|_| sample_token(&logits, &p, &mut other)).collect();
         assert_ne!(draws(&p, &logits, 100), d2);
     }
 
     #[test]
     fn bad_params_are_rejected() {
         for p in [
-            SamplingParams {
-                temperature: -1.0,
-                ..Default::default()
-            },
-            SamplingParams {
-                top_p: 0.0,
-                ..Default::default()
-            },
-            SamplingParams {
-                min_p: 1.5,
-                ..Default::default()
-            },
-            SamplingParams {
-                max_new_tokens: 0,
-                ..Default::default()
-            },
-            SamplingParams {
-                stop_strings: vec![String::new()],
-                ..Default::default()
-            },
+            SamplingParams { temperature: -1.0, ..Default::default() },
+            SamplingParams { top_p: 0.0, ..Default::default() },
+            SamplingParams { min_p: 1.5, ..Default::default() },
+            SamplingParams { max_new_tokens: 0, ..Default::default() },
+            SamplingParams { stop_strings: vec![String::new()], ..Default::default() },
         ] {
             assert!(p.validate().is_err(), "{p:?}");
         }
@@ -295,10 +273,7 @@ mod tests {
 
     #[test]
     fn stop_strings_find_earliest() {
-        assert_eq!(
-            find_stop("abc\n\nUser: x", &["User:".into(), "\n\n".into()]),
-            Some(3)
-        );
+        assert_eq!(find_stop("abc\n\nUser: x", &["User:".into(), "\n\n".into()]), Some(3));
         assert_eq!(find_stop("abc", &["x".into()]), None);
     }
 }
