@@ -65,12 +65,7 @@ pub enum RopeScaling {
     /// Per-frequency divisors (GGUF `rope_freqs.weight`, llama.cpp's encoding of llama3 scaling).
     FreqFactors(Vec<f32>),
     /// `rope_type: llama3` (Llama 3.1+).
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
 
 /// A resolved model configuration.
@@ -113,12 +108,7 @@ pub struct ModelConfig {
 pub fn supported_architectures() -> Vec<String> {
     Family::ALL
         .iter()
-        .flat_map(|f| {
-            [
-                format!("{}ForCausalLM", f.class_prefix()),
-                format!("{}ForSequenceClassification", f.class_prefix()),
-            ]
-        })
+        .flat_map(|f| [format!("{}ForCausalLM", f.class_prefix()), format!("{}ForSequenceClassification", f.class_prefix())])
         .collect()
 }
 
@@ -127,15 +117,9 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
-                Error::MissingFile {
-                    path: path.to_path_buf(),
-                    what: "config.json".into(),
-                }
+                Error::MissingFile { path: path.to_path_buf(), what: "config.json".into() }
             } else {
-                Error::Io {
-                    path: path.to_path_buf(),
-                    source,
-                }
+                Error::Io { path: path.to_path_buf(), source }
             }
         })?;
         Self::from_json_str(&text, path)
@@ -143,10 +127,7 @@ impl ModelConfig {
 
     /// Resolves config.json text; `path` is only used in error messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let value: Value = serde_json::from_str(text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
         let raw = Raw { v: &value, path };
         if !value.is_object() {
             return Err(raw.invalid("(root)", "a JSON object", &value));
@@ -155,13 +136,8 @@ impl ModelConfig {
         let (family, head, architecture) = raw.architecture()?;
         let hidden_size = raw.usize_req("hidden_size")?;
         let num_attention_heads = raw.usize_req("num_attention_heads")?;
-        let num_key_value_heads = raw
-            .usize_opt("num_key_value_heads")?
-            .unwrap_or(num_attention_heads);
-        if num_attention_heads == 0
-            || num_key_value_heads == 0
-            || num_attention_heads % num_key_value_heads != 0
-        {
+        let num_key_value_heads = raw.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(raw.invalid(
                 "num_key_value_heads",
                 format!("a positive divisor of num_attention_heads ({num_attention_heads})"),
@@ -178,10 +154,7 @@ impl ModelConfig {
             return Err(raw.invalid("head_dim", "a positive even number", &Value::from(head_dim)));
         }
 
-        if let Some(act) = raw
-            .get("hidden_act")
-            .or_else(|| raw.get("hidden_activation"))
-        {
+        if let Some(act) = raw.get("hidden_act").or_else(|| raw.get("hidden_activation")) {
             if act.as_str() != Some("silu") {
                 return Err(Error::Unsupported {
                     path: path.to_path_buf(),
@@ -196,12 +169,7 @@ impl ModelConfig {
 
         let attention_bias = raw.bool_opt("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias, qk_norm) = match family {
-            Family::Llama => (
-                attention_bias,
-                attention_bias,
-                raw.bool_opt("mlp_bias")?.unwrap_or(false),
-                false,
-            ),
+            Family::Llama => (attention_bias, attention_bias, raw.bool_opt("mlp_bias")?.unwrap_or(false), false),
             Family::Mistral => (false, false, false, false),
             // Qwen2 hard-codes bias=True on q/k/v and none on o_proj.
             Family::Qwen2 => (true, false, false, false),
@@ -252,11 +220,7 @@ impl ModelConfig {
             bos_token_id,
             eos_token_ids,
             pad_token_id,
-            dtype: raw
-                .get("dtype")
-                .or_else(|| raw.get("torch_dtype"))
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
+            dtype: raw.get("dtype").or_else(|| raw.get("torch_dtype")).and_then(|v| v.as_str()).map(str::to_string),
         };
         for (field, v) in [
             ("vocab_size", cfg.vocab_size),
@@ -298,42 +262,25 @@ impl Raw<'_> {
     }
 
     fn invalid(&self, field: &str, expected: impl Into<String>, got: &Value) -> Error {
-        Error::InvalidConfig {
-            path: self.path.to_path_buf(),
-            field: field.into(),
-            expected: expected.into(),
-            got: got.to_string(),
-        }
+        Error::InvalidConfig { path: self.path.to_path_buf(), field: field.into(), expected: expected.into(), got: got.to_string() }
     }
 
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         self.get(key)
-            .map(|v| {
-                v.as_u64()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| self.invalid(key, "a non-negative integer", v))
-            })
+            .map(|v| v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| self.invalid(key, "a non-negative integer", v)))
             .transpose()
     }
 
     fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?
-            .ok_or_else(|| self.invalid(key, "a non-negative integer", &Value::Null))
+        self.usize_opt(key)?.ok_or_else(|| self.invalid(key, "a non-negative integer", &Value::Null))
     }
 
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
-        self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| self.invalid(key, "a number", v)))
-            .transpose()
+        self.get(key).map(|v| v.as_f64().ok_or_else(|| self.invalid(key, "a number", v))).transpose()
     }
 
     fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
-        self.get(key)
-            .map(|v| {
-                v.as_bool()
-                    .ok_or_else(|| self.invalid(key, "true or false", v))
-            })
-            .transpose()
+        self.get(key).map(|v| v.as_bool().ok_or_else(|| self.invalid(key, "true or false", v))).transpose()
     }
 
     /// A token id that may be written as an int or a list of ints.
@@ -354,49 +301,28 @@ impl Raw<'_> {
                 None => return Err(self.invalid("architectures", "a list of class names", &a[0])),
             },
             Some(Value::Array(_)) | None => None,
-            Some(other) => {
-                return Err(self.invalid("architectures", "a list of class names", other))
-            }
+            Some(other) => return Err(self.invalid("architectures", "a list of class names", other)),
         };
         let (family, head, architecture) = match arch {
             Some(arch) => {
                 let family = Family::ALL
                     .into_iter()
-                    .find(|f| {
-                        arch.strip_prefix(f.class_prefix())
-                            .is_some_and(|rest| rest.starts_with("For"))
-                    })
+                    .find(|f| arch.strip_prefix(f.class_prefix()).is_some_and(|rest| rest.starts_with("For")))
                     .ok_or_else(|| unsupported("architecture", arch.clone()))?;
                 let head = match &arch[family.class_prefix().len()..] {
                     "ForCausalLM" => HeadKind::CausalLm,
-                    "ForSequenceClassification" => HeadKind::SequenceClassification {
-                        num_labels: self.num_labels()?,
-                    },
+                    "ForSequenceClassification" => HeadKind::SequenceClassification { num_labels: self.num_labels()? },
                     _ => return Err(unsupported("architecture", arch.clone())),
                 };
                 (family, head, arch)
             }
             None => {
-                let mt = self.get("model_type").ok_or_else(|| {
-                    self.invalid(
-                        "architectures",
-                        "a list of class names (or a model_type)",
-                        &Value::Null,
-                    )
-                })?;
-                let mt = mt
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| mt.to_string());
-                let family = Family::ALL
-                    .into_iter()
-                    .find(|f| f.model_type() == mt)
-                    .ok_or_else(|| unsupported("model_type", mt.clone()))?;
-                (
-                    family,
-                    HeadKind::CausalLm,
-                    format!("{}ForCausalLM", family.class_prefix()),
-                )
+                let mt = self
+                    .get("model_type")
+                    .ok_or_else(|| self.invalid("architectures", "a list of class names (or a model_type)", &Value::Null))?;
+                let mt = mt.as_str().map(str::to_string).unwrap_or_else(|| mt.to_string());
+                let family = Family::ALL.into_iter().find(|f| f.model_type() == mt).ok_or_else(|| unsupported("model_type", mt.clone()))?;
+                (family, HeadKind::CausalLm, format!("{}ForCausalLM", family.class_prefix()))
             }
         };
         // A model_type that contradicts the architecture means a hand-edited or foreign config.
@@ -404,10 +330,7 @@ impl Raw<'_> {
             if mt != family.model_type() {
                 return Err(self.invalid(
                     "model_type",
-                    format!(
-                        "`{}` (from architectures `{architecture}`)",
-                        family.model_type()
-                    ),
+                    format!("`{}` (from architectures `{architecture}`)", family.model_type()),
                     &Value::from(mt),
                 ));
             }
@@ -438,13 +361,8 @@ impl Raw<'_> {
                 return Err(self.invalid(params_key, "an object", p));
             }
         }
-        let theta = match params
-            .and_then(|p| p.get("rope_theta"))
-            .filter(|v| !v.is_null())
-        {
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.invalid("rope_parameters.rope_theta", "a number", v))?,
+        let theta = match params.and_then(|p| p.get("rope_theta")).filter(|v| !v.is_null()) {
+            Some(v) => v.as_f64().ok_or_else(|| self.invalid("rope_parameters.rope_theta", "a number", v))?,
             None => self.f64_opt("rope_theta")?.unwrap_or(10000.0),
         };
         let Some(p) = params else {
@@ -452,32 +370,17 @@ impl Raw<'_> {
         };
         let field = |k: &str| -> Result<f64> {
             let v = p.get(k).filter(|v| !v.is_null());
-            v.and_then(|v| v.as_f64()).ok_or_else(|| {
-                self.invalid(
-                    &format!("{params_key}.{k}"),
-                    "a number",
-                    v.unwrap_or(&Value::Null),
-                )
-            })
+            v.and_then(|v| v.as_f64()).ok_or_else(|| self.invalid(&format!("{params_key}.{k}"), "a number", v.unwrap_or(&Value::Null)))
         };
-        let rope_type = p
-            .get("rope_type")
-            .or_else(|| p.get("type"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("default");
+        let rope_type = p.get("rope_type").or_else(|| p.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
         let scaling = match rope_type {
             "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear {
-                factor: field("factor")?,
-            },
+            "linear" => RopeScaling::Linear { factor: field("factor")? },
             "llama3" => RopeScaling::Llama3 {
                 factor: field("factor")?,
                 low_freq_factor: field("low_freq_factor")?,
                 high_freq_factor: field("high_freq_factor")?,
-                original_max_position_embeddings: match p
-                    .get("original_max_position_embeddings")
-                    .and_then(|v| v.as_u64())
-                {
+                original_max_position_embeddings: match p.get("original_max_position_embeddings").and_then(|v| v.as_u64()) {
                     Some(n) => n as usize,
                     None => self.usize_req("max_position_embeddings")?,
                 },
@@ -503,11 +406,7 @@ pub(crate) fn token_ids(v: Option<&Value>, key: &str, path: &Path) -> Result<Vec
         expected: "a token id or a list of token ids".into(),
         got: v.to_string(),
     };
-    let one = |v: &Value| {
-        v.as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| bad(v))
-    };
+    let one = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(v));
     match v {
         None | Some(Value::Null) => Ok(vec![]),
         Some(Value::Array(a)) => a.iter().map(one).collect(),
@@ -551,13 +450,7 @@ mod tests {
         assert_eq!(a.rope_theta, 500000.0);
         assert_eq!(a.head_dim, 16);
         assert_eq!(a.eos_token_ids, vec![2, 3]);
-        assert!(matches!(
-            a.rope_scaling,
-            RopeScaling::Llama3 {
-                original_max_position_embeddings: 64,
-                ..
-            }
-        ));
+        assert!(matches!(a.rope_scaling, RopeScaling::Llama3 { original_max_position_embeddings: 64, .. }));
         assert_eq!(b.dtype.as_deref(), Some("float32"));
         b.dtype = a.dtype.clone();
         assert_eq!(a, b);
@@ -569,9 +462,7 @@ mod tests {
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("GPT2LMHeadModel"), "{err}");
         assert!(err.contains("Qwen2ForCausalLM"), "{err}");
-        let err = parse(r#"{"model_type": "gpt2", "hidden_size": 8}"#)
-            .unwrap_err()
-            .to_string();
+        let err = parse(r#"{"model_type": "gpt2", "hidden_size": 8}"#).unwrap_err().to_string();
         assert!(err.contains("model_type `gpt2`"), "{err}");
     }
 
@@ -591,24 +482,17 @@ mod tests {
 
     #[test]
     fn family_specific_defaults() {
-        let qwen2 = LLAMA_4X
-            .replace("LlamaForCausalLM", "Qwen2ForSequenceClassification")
-            .replace(r#""llama""#, r#""qwen2""#);
+        let qwen2 = LLAMA_4X.replace("LlamaForCausalLM", "Qwen2ForSequenceClassification").replace(r#""llama""#, r#""qwen2""#);
         let c = parse(&qwen2).unwrap();
         assert_eq!(c.family, Family::Qwen2);
         assert!(c.qkv_bias && !c.o_bias);
         // No id2label: PretrainedConfig's default of 2 labels.
         assert_eq!(c.head, HeadKind::SequenceClassification { num_labels: 2 });
-        let qwen3 = LLAMA_4X
-            .replace("LlamaForCausalLM", "Qwen3ForCausalLM")
-            .replace(r#""llama""#, r#""qwen3""#);
+        let qwen3 = LLAMA_4X.replace("LlamaForCausalLM", "Qwen3ForCausalLM").replace(r#""llama""#, r#""qwen3""#);
         let c = parse(&qwen3).unwrap();
         assert!(c.qk_norm && !c.qkv_bias);
         assert_eq!(c.head_dim, 128);
         let mismatch = LLAMA_4X.replace(r#""llama""#, r#""qwen2""#);
-        assert!(parse(&mismatch)
-            .unwrap_err()
-            .to_string()
-            .contains("model_type"));
+        assert!(parse(&mismatch).unwrap_err().to_string().contains("model_type"));
     }
 }

@@ -21,21 +21,11 @@ pub enum Error {
 
     /// `architectures` / `model_type` (or another config value) names something this crate does not run.
     #[error("{}: unsupported {what} `{got}`; supported: {supported}", path.display())]
-    Unsupported {
-        path: PathBuf,
-        what: String,
-        got: String,
-        supported: String,
-    },
+    Unsupported { path: PathBuf, what: String, got: String, supported: String },
 
     /// A value in a config file is missing or out of range.
     #[error("{}: invalid `{field}`: expected {expected}, got {got}", path.display())]
-    InvalidConfig {
-        path: PathBuf,
-        field: String,
-        expected: String,
-        got: String,
-    },
+    InvalidConfig { path: PathBuf, field: String, expected: String, got: String },
 
     /// The tokenizer produces ids the model's embedding has no row for.
     #[error(
@@ -43,11 +33,7 @@ pub enum Error {
          tokenizer and weights do not belong together",
         path.display()
     )]
-    VocabMismatch {
-        path: PathBuf,
-        expected: usize,
-        got: usize,
-    },
+    VocabMismatch { path: PathBuf, expected: usize, got: usize },
 
     /// Reading a file failed.
     #[error("{}: {source}", path.display())]
@@ -91,36 +77,19 @@ pub enum Error {
 
     /// A prompt leaves no room to generate within the model's context.
     #[error("prompt {index} has {len} tokens; the model's context is {max} tokens, so nothing can be generated")]
-    PromptTooLong {
-        index: usize,
-        len: usize,
-        max: usize,
-    },
+    PromptTooLong { index: usize, len: usize, max: usize },
 
     /// A prompt ⊕ response sequence is longer than the model's context.
     #[error("sequence {index} has {len} tokens, more than the model's context of {max}")]
-    SequenceTooLong {
-        index: usize,
-        len: usize,
-        max: usize,
-    },
+    SequenceTooLong { index: usize, len: usize, max: usize },
 
     /// An argument is out of range (empty prompt, bad sampling parameter, ...).
     #[error("invalid {what}: expected {expected}, got {got}")]
-    InvalidInput {
-        what: String,
-        expected: String,
-        got: String,
-    },
+    InvalidInput { what: String, expected: String, got: String },
 
     /// The operation needs the other kind of head (e.g. `logprobs` on a reward model).
     #[error("`{op}` needs a {needs} model, but {architecture} is a {has} model")]
-    WrongHead {
-        op: &'static str,
-        needs: &'static str,
-        has: &'static str,
-        architecture: String,
-    },
+    WrongHead { op: &'static str, needs: &'static str, has: &'static str, architecture: String },
 
     /// A tensor operation failed.
     #[error(transparent)]
@@ -131,14 +100,6 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `bail!`-style constructor for [`Error::InvalidInput`].
-pub(crate) fn invalid_input(
-    what: impl Into<String>,
-    expected: impl Into<String>,
-    got: impl ToString,
-) -> Error {
-    Error::InvalidInput {
-        what: what.into(),
-        expected: expected.into(),
-        got: got.to_string(),
-    }
+pub(crate) fn invalid_input(what: impl Into<String>, expected: impl Into<String>, got: impl ToString) -> Error {
+    Error::InvalidInput { what: what.into(), expected: expected.into(), got: got.to_string() }
 }

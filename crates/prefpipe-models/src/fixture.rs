@@ -42,7 +42,8 @@ const TOKENIZER_VOCAB: usize = 512;
 const TRANSFORMERS_VERSION: &str = "4.46.0";
 
 /// Qwen2's pre-tokenization regex (transformers `tokenization_qwen2.PRETOKENIZE_REGEX`).
-const QWEN2_PRETOKENIZE_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PRETOKENIZE_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Text the fixture tokenizer's merges are learned from (several scripts, so
 /// multilingual prompts get some multi-byte merges too).
@@ -107,96 +108,59 @@ impl Style {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(v).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut text = serde_json::to_string_pretty(v).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
     text.push('\n');
     std::fs::write(path, text).map_err(io_err(path))
 }
 
 /// The fixture tokenizer as `tokenizer.json` text.
 fn tokenizer_json(style: Style) -> Result<String> {
-    let tok_err = |e: tokenizers::Error| Error::Tokenizer {
-        what: "fixture tokenizer".into(),
-        msg: e.to_string(),
-    };
+    let tok_err = |e: tokenizers::Error| Error::Tokenizer { what: "fixture tokenizer".into(), msg: e.to_string() };
     let specials = style.specials();
     let post: PostProcessorWrapper = match style {
         Style::Llama => TemplateProcessing::builder()
             .try_single("<s> $A")
             .and_then(|b| b.try_pair("<s> $A <s> $B"))
-            .map_err(|e| Error::Tokenizer {
-                what: "fixture tokenizer".into(),
-                msg: e.to_string(),
-            })?
+            .map_err(|e| Error::Tokenizer { what: "fixture tokenizer".into(), msg: e.to_string() })?
             .special_tokens(vec![("<s>", 1)])
             .build()
-            .map_err(|e| Error::Tokenizer {
-                what: "fixture tokenizer".into(),
-                msg: e.to_string(),
-            })?
+            .map_err(|e| Error::Tokenizer { what: "fixture tokenizer".into(), msg: e.to_string() })?
             .into(),
         Style::ChatMl => ByteLevel::new(false, false, false).into(),
     };
     // The ChatML style is Qwen2's pipeline exactly (transformers 5 rebuilds Qwen2
     // tokenizers from vocab + merges with it, ignoring tokenizer.json's).
-    let (normalizer, pre_tokenizer): (Option<NormalizerWrapper>, PreTokenizerWrapper) = match style
-    {
+    let (normalizer, pre_tokenizer): (Option<NormalizerWrapper>, PreTokenizerWrapper) = match style {
         Style::Llama => (None, ByteLevel::new(false, true, true).into()),
         Style::ChatMl => {
-            let split = Split::new(
-                SplitPattern::Regex(QWEN2_PRETOKENIZE_REGEX.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(tok_err)?;
+            let split = Split::new(SplitPattern::Regex(QWEN2_PRETOKENIZE_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(tok_err)?;
             (
                 Some(tokenizers::normalizers::unicode::NFC.into()),
-                Sequence::new(vec![
-                    split.into(),
-                    ByteLevel::new(false, false, false).into(),
-                ])
-                .into(),
+                Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into(),
             )
         }
     };
-    let mut tokenizer = TokenizerBuilder::<
-        BPE,
-        NormalizerWrapper,
-        PreTokenizerWrapper,
-        PostProcessorWrapper,
-        DecoderWrapper,
-    >::new()
-    .with_model(BPE::default())
-    .with_normalizer(normalizer)
-    .with_pre_tokenizer(Some(pre_tokenizer))
-    .with_post_processor(Some(post))
-    .with_decoder(Some(ByteLevel::new(false, false, false).into()))
-    .build()
-    .map_err(tok_err)?;
+    let mut tokenizer = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
+        .with_model(BPE::default())
+        .with_normalizer(normalizer)
+        .with_pre_tokenizer(Some(pre_tokenizer))
+        .with_post_processor(Some(post))
+        .with_decoder(Some(ByteLevel::new(false, false, false).into()))
+        .build()
+        .map_err(tok_err)?;
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(TOKENIZER_VOCAB)
         .min_frequency(0)
         .show_progress(false)
-        .special_tokens(
-            specials
-                .iter()
-                .map(|s| AddedToken::from(*s, true))
-                .collect(),
-        )
+        .special_tokens(specials.iter().map(|s| AddedToken::from(*s, true)).collect())
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    tokenizer
-        .train(&mut trainer, CORPUS.lines())
-        .map_err(tok_err)?;
+    tokenizer.train(&mut trainer, CORPUS.lines()).map_err(tok_err)?;
     let tokenizer: tokenizers::Tokenizer = tokenizer.into();
     tokenizer.to_string(true).map_err(tok_err)
 }
@@ -218,112 +182,32 @@ impl Normal {
 }
 
 /// (name, shape, mean, std) of every tensor, in checkpoint naming.
-fn tensor_specs(
-    family: Family,
-    vocab: usize,
-    reward: bool,
-    tied: bool,
-) -> Vec<(String, Vec<usize>, f32, f32)> {
+fn tensor_specs(family: Family, vocab: usize, reward: bool, tied: bool) -> Vec<(String, Vec<usize>, f32, f32)> {
     let mut t: Vec<(String, Vec<usize>, f32, f32)> = vec![];
     let w = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
     // Embeddings/LM head wide enough that next-token distributions are peaked:
     // greedy decoding then has clear margins for the token-for-token goldens.
-    t.push((
-        "model.embed_tokens.weight".into(),
-        vec![vocab, HIDDEN],
-        0.0,
-        0.5,
-    ));
+    t.push(("model.embed_tokens.weight".into(), vec![vocab, HIDDEN], 0.0, 0.5));
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
-        t.push((
-            format!("{p}.input_layernorm.weight"),
-            vec![HIDDEN],
-            1.0,
-            0.1,
-        ));
-        t.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![HIDDEN],
-            1.0,
-            0.1,
-        ));
-        t.push((
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![HEADS * HEAD_DIM, HIDDEN],
-            0.0,
-            w(HIDDEN),
-        ));
-        t.push((
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![KV_HEADS * HEAD_DIM, HIDDEN],
-            0.0,
-            w(HIDDEN),
-        ));
-        t.push((
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![KV_HEADS * HEAD_DIM, HIDDEN],
-            0.0,
-            w(HIDDEN),
-        ));
-        t.push((
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![HIDDEN, HEADS * HEAD_DIM],
-            0.0,
-            w(HIDDEN),
-        ));
+        t.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN], 1.0, 0.1));
+        t.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], 1.0, 0.1));
+        t.push((format!("{p}.self_attn.q_proj.weight"), vec![HEADS * HEAD_DIM, HIDDEN], 0.0, w(HIDDEN)));
+        t.push((format!("{p}.self_attn.k_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], 0.0, w(HIDDEN)));
+        t.push((format!("{p}.self_attn.v_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], 0.0, w(HIDDEN)));
+        t.push((format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HEADS * HEAD_DIM], 0.0, w(HIDDEN)));
         if family == Family::Qwen2 {
-            t.push((
-                format!("{p}.self_attn.q_proj.bias"),
-                vec![HEADS * HEAD_DIM],
-                0.0,
-                0.1,
-            ));
-            t.push((
-                format!("{p}.self_attn.k_proj.bias"),
-                vec![KV_HEADS * HEAD_DIM],
-                0.0,
-                0.1,
-            ));
-            t.push((
-                format!("{p}.self_attn.v_proj.bias"),
-                vec![KV_HEADS * HEAD_DIM],
-                0.0,
-                0.1,
-            ));
+            t.push((format!("{p}.self_attn.q_proj.bias"), vec![HEADS * HEAD_DIM], 0.0, 0.1));
+            t.push((format!("{p}.self_attn.k_proj.bias"), vec![KV_HEADS * HEAD_DIM], 0.0, 0.1));
+            t.push((format!("{p}.self_attn.v_proj.bias"), vec![KV_HEADS * HEAD_DIM], 0.0, 0.1));
         }
         if family == Family::Qwen3 {
-            t.push((
-                format!("{p}.self_attn.q_norm.weight"),
-                vec![HEAD_DIM],
-                1.0,
-                0.1,
-            ));
-            t.push((
-                format!("{p}.self_attn.k_norm.weight"),
-                vec![HEAD_DIM],
-                1.0,
-                0.1,
-            ));
+            t.push((format!("{p}.self_attn.q_norm.weight"), vec![HEAD_DIM], 1.0, 0.1));
+            t.push((format!("{p}.self_attn.k_norm.weight"), vec![HEAD_DIM], 1.0, 0.1));
         }
-        t.push((
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![INTERMEDIATE, HIDDEN],
-            0.0,
-            w(HIDDEN),
-        ));
-        t.push((
-            format!("{p}.mlp.up_proj.weight"),
-            vec![INTERMEDIATE, HIDDEN],
-            0.0,
-            w(HIDDEN),
-        ));
-        t.push((
-            format!("{p}.mlp.down_proj.weight"),
-            vec![HIDDEN, INTERMEDIATE],
-            0.0,
-            w(INTERMEDIATE),
-        ));
+        t.push((format!("{p}.mlp.gate_proj.weight"), vec![INTERMEDIATE, HIDDEN], 0.0, w(HIDDEN)));
+        t.push((format!("{p}.mlp.up_proj.weight"), vec![INTERMEDIATE, HIDDEN], 0.0, w(HIDDEN)));
+        t.push((format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, INTERMEDIATE], 0.0, w(INTERMEDIATE)));
     }
     t.push(("model.norm.weight".into(), vec![HIDDEN], 1.0, 0.1));
     if reward {
@@ -336,34 +220,19 @@ fn tensor_specs(
 }
 
 /// Writes `name → f32 tensor` to a safetensors file with `{"format": "pt"}` metadata.
-pub(crate) fn write_safetensors(
-    path: &Path,
-    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-) -> Result<()> {
-    let bytes: BTreeMap<&String, Vec<u8>> = tensors
-        .iter()
-        .map(|(k, (_, v))| (k, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
+pub(crate) fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
+    let bytes: BTreeMap<&String, Vec<u8>> =
+        tensors.iter().map(|(k, (_, v))| (k, v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
     let views = tensors
         .iter()
         .map(|(k, (shape, _))| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes[k])
-                .map(|v| (k.clone(), v))
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes[k]).map(|v| (k.clone(), v))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tokenizer {
-            what: "safetensors".into(),
-            msg: e.to_string(),
-        })?;
-    let meta = Some(
-        [("format".to_string(), "pt".to_string())]
-            .into_iter()
-            .collect(),
-    );
-    safetensors::tensor::serialize_to_file(views, meta, path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })
+        .map_err(|e| Error::Tokenizer { what: "safetensors".into(), msg: e.to_string() })?;
+    let meta = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+    safetensors::tensor::serialize_to_file(views, meta, path)
+        .map_err(|e| Error::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
 }
 
 /// Writes a tiny random causal LM (`*ForCausalLM`) of `family` into `dir`.
@@ -388,25 +257,20 @@ fn write(dir: &Path, family: Family, seed: u64, reward: bool) -> Result<()> {
     let tied = matches!(family, Family::Qwen2 | Family::Qwen3);
 
     let mut rng = Normal(ChaCha8Rng::seed_from_u64(seed));
-    let tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
-        tensor_specs(family, vocab, reward, tied)
-            .into_iter()
-            .map(|(name, shape, mean, std)| {
-                let data = rng.sample(shape.iter().product(), mean, std);
-                (name, (shape, data))
-            })
-            .collect();
+    let tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = tensor_specs(family, vocab, reward, tied)
+        .into_iter()
+        .map(|(name, shape, mean, std)| {
+            let data = rng.sample(shape.iter().product(), mean, std);
+            (name, (shape, data))
+        })
+        .collect();
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
 
     let (bos, eos, pad) = match style {
         Style::Llama => (Some(1u32), 2u32, 0u32),
         Style::ChatMl => (None, 2, 0),
     };
-    let head = if reward {
-        "ForSequenceClassification"
-    } else {
-        "ForCausalLM"
-    };
+    let head = if reward { "ForSequenceClassification" } else { "ForCausalLM" };
     let mut config = json!({
         "architectures": [format!("{}{head}", family.class_prefix())],
         "model_type": family.model_type(),
@@ -515,13 +379,7 @@ mod tests {
         let b = tempfile::tempdir().unwrap();
         write_fixture(a.path(), Family::Qwen2, 7).unwrap();
         write_fixture(b.path(), Family::Qwen2, 7).unwrap();
-        for f in [
-            "config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "generation_config.json",
-        ] {
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
             let x = std::fs::read(a.path().join(f)).unwrap();
             let y = std::fs::read(b.path().join(f)).unwrap();
             assert!(x == y, "{f} differs between two runs with the same seed");

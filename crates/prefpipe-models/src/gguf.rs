@@ -22,17 +22,14 @@ use crate::error::{Error, Result};
 use crate::tokenizer::{SpecialTokens, TextTokenizer};
 
 /// Supported `general.architecture` values.
-const ARCHITECTURES: [(&str, Family); 3] = [
-    ("llama", Family::Llama),
-    ("qwen2", Family::Qwen2),
-    ("qwen3", Family::Qwen3),
-];
+const ARCHITECTURES: [(&str, Family); 3] = [("llama", Family::Llama), ("qwen2", Family::Qwen2), ("qwen3", Family::Qwen3)];
 
 /// Supported `tokenizer.ggml.pre` values (llama.cpp pre-tokenizer names).
 const PRE_TOKENIZERS: [&str; 6] = ["default", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2"];
 
 /// GPT-2's split, as in llama.cpp's `smollm` / default byte-level BPE.
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// What a GGUF file contributes to a [`crate::Model`].
@@ -53,12 +50,7 @@ struct Meta<'a> {
 
 impl Meta<'_> {
     fn invalid(&self, key: &str, expected: &str, got: String) -> Error {
-        Error::InvalidConfig {
-            path: self.path.to_path_buf(),
-            field: key.into(),
-            expected: expected.into(),
-            got,
-        }
+        Error::InvalidConfig { path: self.path.to_path_buf(), field: key.into(), expected: expected.into(), got }
     }
 
     fn u64_opt(&self, key: &str) -> Result<Option<u64>> {
@@ -76,14 +68,11 @@ impl Meta<'_> {
             GValue::I64(x) => u64::try_from(*x).ok(),
             _ => None,
         };
-        n.map(Some)
-            .ok_or_else(|| self.invalid(key, "a non-negative integer", format!("{v:?}")))
+        n.map(Some).ok_or_else(|| self.invalid(key, "a non-negative integer", format!("{v:?}")))
     }
 
     fn usize_req(&self, key: &str) -> Result<usize> {
-        self.u64_opt(key)?
-            .map(|n| n as usize)
-            .ok_or_else(|| self.invalid(key, "a non-negative integer", "nothing".into()))
+        self.u64_opt(key)?.map(|n| n as usize).ok_or_else(|| self.invalid(key, "a non-negative integer", "nothing".into()))
     }
 
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
@@ -127,10 +116,7 @@ fn unpermute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();
-    t.reshape((n_head, rows / n_head / 2, 2, rest))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)
+    t.reshape((n_head, rows / n_head / 2, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
 /// Maps a GGUF tensor name to the Hugging Face checkpoint name.
@@ -167,56 +153,33 @@ fn hf_name(name: &str) -> Option<String> {
 
 /// Reads a GGUF file: config, dequantized weights and tokenizer.
 pub(crate) fn read(path: &Path, device: &Device) -> Result<GgufModel> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let weights = |source| Error::Weights {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let weights = |source| Error::Weights { path: path.to_path_buf(), source };
     let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
     let content = Content::read(&mut file).map_err(weights)?;
-    let meta = Meta {
-        md: &content.metadata,
-        path,
-    };
+    let meta = Meta { md: &content.metadata, path };
 
-    let arch = meta
-        .str_opt("general.architecture")?
-        .unwrap_or("(none)")
-        .to_string();
-    let family = ARCHITECTURES
-        .iter()
-        .find(|(a, _)| *a == arch)
-        .map(|(_, f)| *f)
-        .ok_or_else(|| Error::Unsupported {
-            path: path.to_path_buf(),
-            what: "GGUF general.architecture".into(),
-            got: arch.clone(),
-            supported: ARCHITECTURES.map(|(a, _)| a).join(", "),
-        })?;
+    let arch = meta.str_opt("general.architecture")?.unwrap_or("(none)").to_string();
+    let family = ARCHITECTURES.iter().find(|(a, _)| *a == arch).map(|(_, f)| *f).ok_or_else(|| Error::Unsupported {
+        path: path.to_path_buf(),
+        what: "GGUF general.architecture".into(),
+        got: arch.clone(),
+        supported: ARCHITECTURES.map(|(a, _)| a).join(", "),
+    })?;
     let key = |k: &str| format!("{arch}.{k}");
 
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let hidden_size = meta.usize_req(&key("embedding_length"))?;
     let num_attention_heads = meta.usize_req(&key("attention.head_count"))?;
-    let num_key_value_heads = meta
-        .u64_opt(&key("attention.head_count_kv"))?
-        .map_or(num_attention_heads, |n| n as usize);
-    let head_dim = meta
-        .u64_opt(&key("attention.key_length"))?
-        .map_or(hidden_size / num_attention_heads.max(1), |n| n as usize);
+    let num_key_value_heads = meta.u64_opt(&key("attention.head_count_kv"))?.map_or(num_attention_heads, |n| n as usize);
+    let head_dim = meta.u64_opt(&key("attention.key_length"))?.map_or(hidden_size / num_attention_heads.max(1), |n| n as usize);
 
     let mut tensors = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     let mut rope_factors = None;
     for name in names {
-        let t = content
-            .tensor(&mut file, name, device)
-            .and_then(|q| q.dequantize(device))
-            .map_err(weights)?;
+        let t = content.tensor(&mut file, name, device).and_then(|q| q.dequantize(device)).map_err(weights)?;
         if name == "rope_freqs.weight" {
             rope_factors = Some(t.to_vec1::<f32>().map_err(weights)?);
             continue;
@@ -234,23 +197,13 @@ pub(crate) fn read(path: &Path, device: &Device) -> Result<GgufModel> {
     }
     let tie_word_embeddings = !tensors.contains_key("lm_head.weight");
 
-    let bos = meta
-        .u64_opt("tokenizer.ggml.bos_token_id")?
-        .map(|n| n as u32);
-    let eos = meta
-        .u64_opt("tokenizer.ggml.eos_token_id")?
-        .map(|n| n as u32);
-    let eot = meta
-        .u64_opt("tokenizer.ggml.eot_token_id")?
-        .map(|n| n as u32);
-    let pad = meta
-        .u64_opt("tokenizer.ggml.padding_token_id")?
-        .map(|n| n as u32);
+    let bos = meta.u64_opt("tokenizer.ggml.bos_token_id")?.map(|n| n as u32);
+    let eos = meta.u64_opt("tokenizer.ggml.eos_token_id")?.map(|n| n as u32);
+    let eot = meta.u64_opt("tokenizer.ggml.eot_token_id")?.map(|n| n as u32);
+    let pad = meta.u64_opt("tokenizer.ggml.padding_token_id")?.map(|n| n as u32);
     let rope_scaling = match (meta.str_opt(&key("rope.scaling.type"))?, rope_factors) {
         (_, Some(f)) => RopeScaling::FreqFactors(f),
-        (Some("linear"), None) => RopeScaling::Linear {
-            factor: meta.f64_opt(&key("rope.scaling.factor"))?.unwrap_or(1.0),
-        },
+        (Some("linear"), None) => RopeScaling::Linear { factor: meta.f64_opt(&key("rope.scaling.factor"))?.unwrap_or(1.0) },
         (None | Some("none"), None) => RopeScaling::None,
         (Some(other), None) => {
             return Err(Error::Unsupported {
@@ -265,9 +218,7 @@ pub(crate) fn read(path: &Path, device: &Device) -> Result<GgufModel> {
         family,
         head: HeadKind::CausalLm,
         architecture: format!("{}ForCausalLM (GGUF {arch})", family.class_prefix()),
-        vocab_size: meta
-            .u64_opt(&key("vocab_size"))?
-            .map_or(tokens.len(), |n| n as usize),
+        vocab_size: meta.u64_opt(&key("vocab_size"))?.map_or(tokens.len(), |n| n as usize),
         hidden_size,
         intermediate_size: meta.usize_req(&key("feed_forward_length"))?,
         num_hidden_layers: meta.usize_req(&key("block_count"))?,
@@ -275,9 +226,7 @@ pub(crate) fn read(path: &Path, device: &Device) -> Result<GgufModel> {
         num_key_value_heads,
         head_dim,
         max_position_embeddings: meta.usize_req(&key("context_length"))?,
-        rms_norm_eps: meta
-            .f64_opt(&key("attention.layer_norm_rms_epsilon"))?
-            .unwrap_or(1e-6),
+        rms_norm_eps: meta.f64_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
         rope_theta: meta.f64_opt(&key("rope.freq_base"))?.unwrap_or(10000.0),
         rope_scaling,
         qkv_bias: tensors.contains_key("model.layers.0.self_attn.q_proj.bias"),
@@ -295,22 +244,11 @@ pub(crate) fn read(path: &Path, device: &Device) -> Result<GgufModel> {
     let mut stop_ids: Vec<u32> = eos.into_iter().chain(eot).collect();
     stop_ids.sort();
     stop_ids.dedup();
-    Ok(GgufModel {
-        config,
-        tensors,
-        tokenizer,
-        stop_ids,
-    })
+    Ok(GgufModel { config, tensors, tokenizer, stop_ids })
 }
 
 /// Rebuilds a byte-level BPE tokenizer (`tokenizer.json` form) from GGUF metadata.
-fn tokenizer(
-    meta: &Meta,
-    tokens: &[&str],
-    bos: Option<u32>,
-    eos: Option<u32>,
-    pad: Option<u32>,
-) -> Result<TextTokenizer> {
+fn tokenizer(meta: &Meta, tokens: &[&str], bos: Option<u32>, eos: Option<u32>, pad: Option<u32>) -> Result<TextTokenizer> {
     let path = meta.path;
     let model = meta.str_opt("tokenizer.ggml.model")?.unwrap_or("(none)");
     if model != "gpt2" {
@@ -322,7 +260,8 @@ fn tokenizer(
         });
     }
     let pre = meta.str_opt("tokenizer.ggml.pre")?.unwrap_or("default");
-    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let byte_level =
+        |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     let (normalizer, pre_tokenizer) = match pre {
         "default" | "gpt2" => (Value::Null, byte_level(true)),
@@ -332,14 +271,8 @@ fn tokenizer(
             json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
         ),
-        "llama-bpe" | "llama3" => (
-            Value::Null,
-            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}),
-        ),
-        "qwen2" => (
-            json!({"type": "NFC"}),
-            json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
-        ),
+        "llama-bpe" | "llama3" => (Value::Null, json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]})),
+        "qwen2" => (json!({"type": "NFC"}), json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]})),
         other => {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
@@ -371,20 +304,10 @@ fn tokenizer(
                    "normalized": ty != 3, "special": ty == 3})
         })
         .collect();
-    let vocab: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), Value::from(i)))
-        .collect();
+    let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), Value::from(i))).collect();
     let merges = meta.strings("tokenizer.ggml.merges")?;
-    let add_bos = matches!(
-        meta.md.get("tokenizer.ggml.add_bos_token"),
-        Some(GValue::Bool(true))
-    );
-    let token = |id: Option<u32>| {
-        id.and_then(|i| tokens.get(i as usize))
-            .map(|s| s.to_string())
-    };
+    let add_bos = matches!(meta.md.get("tokenizer.ggml.add_bos_token"), Some(GValue::Bool(true)));
+    let token = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).map(|s| s.to_string());
     let post_processor = match (add_bos, token(bos)) {
         (true, Some(b)) => json!({
             "type": "TemplateProcessing",
@@ -408,18 +331,13 @@ fn tokenizer(
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                   "ignore_merges": false, "vocab": vocab, "merges": merges},
     });
-    let tok = tokenizers::Tokenizer::from_bytes(doc.to_string()).map_err(|e| Error::Tokenizer {
-        what: format!("{} (tokenizer rebuilt from GGUF metadata)", path.display()),
-        msg: e.to_string(),
-    })?;
+    let tok = tokenizers::Tokenizer::from_bytes(doc.to_string())
+        .map_err(|e| Error::Tokenizer { what: format!("{} (tokenizer rebuilt from GGUF metadata)", path.display()), msg: e.to_string() })?;
     let special = SpecialTokens {
         bos_token: token(bos),
         eos_token: token(eos),
         pad_token: token(pad),
-        unk_token: token(
-            meta.u64_opt("tokenizer.ggml.unknown_token_id")?
-                .map(|n| n as u32),
-        ),
+        unk_token: token(meta.u64_opt("tokenizer.ggml.unknown_token_id")?.map(|n| n as u32)),
     };
     let template = meta.str_opt("tokenizer.chat_template")?.map(str::to_string);
     Ok(TextTokenizer::from_parts(tok, template, special, path))
@@ -437,14 +355,7 @@ pub(crate) mod tests {
         // llama.cpp convert_hf_to_gguf.py `LlamaModel.permute`.
         let dims = t.dims().to_vec();
         let rest: usize = dims[1..].iter().product();
-        t.reshape((n_head, 2, dims[0] / n_head / 2, rest))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .reshape(dims)
-            .unwrap()
+        t.reshape((n_head, 2, dims[0] / n_head / 2, rest)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape(dims).unwrap()
     }
 
     fn gguf_name(hf: &str) -> String {
@@ -483,9 +394,7 @@ pub(crate) mod tests {
             Family::Qwen2 => ("qwen2", "qwen2"),
             Family::Qwen3 => ("qwen3", "qwen2"),
         };
-        let tok_json: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
-                .unwrap();
+        let tok_json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
         let vocab = tok_json["model"]["vocab"].as_object().unwrap();
         let mut tokens = vec![String::new(); vocab.len()];
         for (t, id) in vocab {
@@ -505,65 +414,28 @@ pub(crate) mod tests {
                 _ => panic!(),
             })
             .collect();
-        let tok_cfg: Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
-        )
-        .unwrap();
-        let id_of = |key: &str| {
-            tok_cfg[key]
-                .as_str()
-                .map(|t| tokens.iter().position(|x| x == t).unwrap() as u32)
-        };
+        let tok_cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+        let id_of = |key: &str| tok_cfg[key].as_str().map(|t| tokens.iter().position(|x| x == t).unwrap() as u32);
         let k = |s: &str| format!("{arch}.{s}");
         let mut md: Vec<(String, GValue)> = vec![
             ("general.architecture".into(), GValue::String(arch.into())),
             (k("block_count"), GValue::U32(cfg.num_hidden_layers as u32)),
-            (
-                k("context_length"),
-                GValue::U32(cfg.max_position_embeddings as u32),
-            ),
+            (k("context_length"), GValue::U32(cfg.max_position_embeddings as u32)),
             (k("embedding_length"), GValue::U32(cfg.hidden_size as u32)),
-            (
-                k("feed_forward_length"),
-                GValue::U32(cfg.intermediate_size as u32),
-            ),
-            (
-                k("attention.head_count"),
-                GValue::U32(cfg.num_attention_heads as u32),
-            ),
-            (
-                k("attention.head_count_kv"),
-                GValue::U32(cfg.num_key_value_heads as u32),
-            ),
+            (k("feed_forward_length"), GValue::U32(cfg.intermediate_size as u32)),
+            (k("attention.head_count"), GValue::U32(cfg.num_attention_heads as u32)),
+            (k("attention.head_count_kv"), GValue::U32(cfg.num_key_value_heads as u32)),
             (k("attention.key_length"), GValue::U32(cfg.head_dim as u32)),
             (k("rope.freq_base"), GValue::F32(cfg.rope_theta as f32)),
-            (
-                k("attention.layer_norm_rms_epsilon"),
-                GValue::F32(cfg.rms_norm_eps as f32),
-            ),
+            (k("attention.layer_norm_rms_epsilon"), GValue::F32(cfg.rms_norm_eps as f32)),
             (k("vocab_size"), GValue::U32(cfg.vocab_size as u32)),
             ("tokenizer.ggml.model".into(), GValue::String("gpt2".into())),
             ("tokenizer.ggml.pre".into(), GValue::String(pre.into())),
-            (
-                "tokenizer.ggml.tokens".into(),
-                GValue::Array(tokens.iter().map(|t| GValue::String(t.clone())).collect()),
-            ),
-            (
-                "tokenizer.ggml.token_type".into(),
-                GValue::Array(types.iter().map(|&t| GValue::I32(t)).collect()),
-            ),
-            (
-                "tokenizer.ggml.merges".into(),
-                GValue::Array(merges.into_iter().map(GValue::String).collect()),
-            ),
-            (
-                "tokenizer.ggml.add_bos_token".into(),
-                GValue::Bool(id_of("bos_token").is_some()),
-            ),
-            (
-                "tokenizer.chat_template".into(),
-                GValue::String(tok_cfg["chat_template"].as_str().unwrap().into()),
-            ),
+            ("tokenizer.ggml.tokens".into(), GValue::Array(tokens.iter().map(|t| GValue::String(t.clone())).collect())),
+            ("tokenizer.ggml.token_type".into(), GValue::Array(types.iter().map(|&t| GValue::I32(t)).collect())),
+            ("tokenizer.ggml.merges".into(), GValue::Array(merges.into_iter().map(GValue::String).collect())),
+            ("tokenizer.ggml.add_bos_token".into(), GValue::Bool(id_of("bos_token").is_some())),
+            ("tokenizer.chat_template".into(), GValue::String(tok_cfg["chat_template"].as_str().unwrap().into())),
         ];
         for (key, id) in [
             ("tokenizer.ggml.bos_token_id", id_of("bos_token")),
@@ -574,8 +446,7 @@ pub(crate) mod tests {
                 md.push((key.into(), GValue::U32(id)));
             }
         }
-        let ts =
-            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let ts = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
         let mut qs: Vec<(String, QTensor)> = vec![];
         for (name, t) in &ts {
             let t = if arch == "llama" && name.ends_with("q_proj.weight") {
@@ -585,32 +456,17 @@ pub(crate) mod tests {
             } else {
                 t.clone()
             };
-            let dtype = if quantize && name.contains("mlp.") {
-                GgmlDType::Q8_0
-            } else {
-                GgmlDType::F32
-            };
+            let dtype = if quantize && name.contains("mlp.") { GgmlDType::Q8_0 } else { GgmlDType::F32 };
             qs.push((gguf_name(name), QTensor::quantize(&t, dtype).unwrap()));
         }
         if let RopeScaling::Llama3 { .. } = cfg.rope_scaling {
             // llama.cpp stores llama3 scaling as divisors of the plain inverse frequencies.
-            let plain = crate::decoder::Rope::new(&ModelConfig {
-                rope_scaling: RopeScaling::None,
-                ..cfg.clone()
-            });
+            let plain = crate::decoder::Rope::new(&ModelConfig { rope_scaling: RopeScaling::None, ..cfg.clone() });
             let scaled = crate::decoder::Rope::new(&cfg);
-            let f: Vec<f32> = plain
-                .inv_freq()
-                .iter()
-                .zip(scaled.inv_freq())
-                .map(|(a, b)| a / b)
-                .collect();
+            let f: Vec<f32> = plain.inv_freq().iter().zip(scaled.inv_freq()).map(|(a, b)| a / b).collect();
             let n = f.len();
             let t = Tensor::from_vec(f, n, &Device::Cpu).unwrap();
-            qs.push((
-                "rope_freqs.weight".into(),
-                QTensor::quantize(&t, GgmlDType::F32).unwrap(),
-            ));
+            qs.push(("rope_freqs.weight".into(), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
         }
         qs.sort_by(|a, b| a.0.cmp(&b.0));
         let md_refs: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -621,10 +477,7 @@ pub(crate) mod tests {
 
     #[test]
     fn permute_round_trips() {
-        let t = Tensor::arange(0f32, 64.0, &Device::Cpu)
-            .unwrap()
-            .reshape((16, 4))
-            .unwrap();
+        let t = Tensor::arange(0f32, 64.0, &Device::Cpu).unwrap().reshape((16, 4)).unwrap();
         let back = unpermute(&permute(&t, 2), 2).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
     }
@@ -644,20 +497,14 @@ pub(crate) mod tests {
     }
 
     fn fixture(name: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../data-samples/models")
-            .join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data-samples/models").join(name)
     }
 
     /// A fixture converted to GGUF (f32) computes what the safetensors original does:
     /// same token ids (tokenizer rebuilt from metadata), log-probs, greedy tokens.
     #[test]
     fn gguf_matches_the_safetensors_model() {
-        let prompts = [
-            "What is the capital of France?",
-            "为什么天空是蓝色的？ 12345",
-            "def f(x):\n    return x",
-        ];
+        let prompts = ["What is the capital of France?", "为什么天空是蓝色的？ 12345", "def f(x):\n    return x"];
         for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
             let tmp = tempfile::tempdir().unwrap();
             let file = tmp.path().join(format!("{name}.gguf"));
@@ -669,11 +516,7 @@ pub(crate) mod tests {
             for p in prompts {
                 for chat in [false, true] {
                     let ids = gg.encode_prompt(p, chat).unwrap();
-                    assert_eq!(
-                        ids,
-                        st.encode_prompt(p, chat).unwrap(),
-                        "{name} {p:?} chat={chat}"
-                    );
+                    assert_eq!(ids, st.encode_prompt(p, chat).unwrap(), "{name} {p:?} chat={chat}");
                     pairs.push((ids, st.encode_response("Paris, 2024.").unwrap()));
                 }
             }
@@ -685,10 +528,7 @@ pub(crate) mod tests {
             let prompts: Vec<Vec<u32>> = pairs.iter().map(|p| p.0.clone()).collect();
             let params = crate::SamplingParams::greedy(12);
             let seeds = vec![0; prompts.len()];
-            assert_eq!(
-                gg.generate(&prompts, &params, &seeds).unwrap(),
-                st.generate(&prompts, &params, &seeds).unwrap()
-            );
+            assert_eq!(gg.generate(&prompts, &params, &seeds).unwrap(), st.generate(&prompts, &params, &seeds).unwrap());
 
             // Quantized (Q8_0) MLP weights are dequantized: close, not equal.
             let q = tmp.path().join("q8.gguf");
@@ -715,26 +555,14 @@ pub(crate) mod tests {
             }
         }
         let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
-        let qs: Vec<(String, QTensor)> = names
-            .iter()
-            .map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap()))
-            .collect();
+        let qs: Vec<(String, QTensor)> = names.iter().map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap())).collect();
         let bad = tmp.path().join("bad.gguf");
         let md_refs: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let q_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        candle_core::quantized::gguf_file::write(
-            &mut std::fs::File::create(&bad).unwrap(),
-            &md_refs,
-            &q_refs,
-        )
-        .unwrap();
-        let err = crate::Model::load(&bad, &Device::Cpu)
-            .unwrap_err()
-            .to_string();
+        candle_core::quantized::gguf_file::write(&mut std::fs::File::create(&bad).unwrap(), &md_refs, &q_refs).unwrap();
+        let err = crate::Model::load(&bad, &Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("gptneox") && err.contains("qwen2"), "{err}");
-        let err = crate::Model::load_trainable(&file, &Device::Cpu)
-            .unwrap_err()
-            .to_string();
+        let err = crate::Model::load_trainable(&file, &Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("GGUF"), "{err}");
         std::fs::write(&bad, b"GGUF garbage").unwrap();
         assert!(crate::Model::load(&bad, &Device::Cpu).is_err());

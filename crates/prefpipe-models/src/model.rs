@@ -24,13 +24,8 @@ const MAX_BATCH: usize = 32;
 const GEN_BATCH: usize = 16;
 
 /// Small files that change what a model computes besides its weights.
-const DIGESTED_FILES: [&str; 5] = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-];
+const DIGESTED_FILES: [&str; 5] =
+    ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"];
 
 /// A loaded model directory (causal LM or reward model) on one device, in f32.
 pub struct Model {
@@ -65,15 +60,9 @@ impl std::fmt::Debug for Model {
 fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
-            Error::MissingFile {
-                path: path.to_path_buf(),
-                what: "a file listed by the model directory".into(),
-            }
+            Error::MissingFile { path: path.to_path_buf(), what: "a file listed by the model directory".into() }
         } else {
-            Error::Io {
-                path: path.to_path_buf(),
-                source,
-            }
+            Error::Io { path: path.to_path_buf(), source }
         }
     })
 }
@@ -83,32 +72,20 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let v = read_json_opt(&index)?.unwrap_or(Value::Null);
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Error::InvalidConfig {
-                path: index.clone(),
-                field: "weight_map".into(),
-                expected: "an object of tensor name → shard file".into(),
-                got: v
-                    .get("weight_map")
-                    .map_or("nothing".into(), |w| w.to_string()),
-            })?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect();
+        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::InvalidConfig {
+            path: index.clone(),
+            field: "weight_map".into(),
+            expected: "an object of tensor name → shard file".into(),
+            got: v.get("weight_map").map_or("nothing".into(), |w| w.to_string()),
+        })?;
+        let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
         files.sort();
         files.dedup();
         let mut out = vec![];
         for f in files {
             let p = dir.join(&f);
             if !p.is_file() {
-                return Err(Error::MissingFile {
-                    path: p,
-                    what: format!("shard `{f}` listed in model.safetensors.index.json"),
-                });
+                return Err(Error::MissingFile { path: p, what: format!("shard `{f}` listed in model.safetensors.index.json") });
             }
             out.push(p);
         }
@@ -119,34 +96,18 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let names: Vec<String> = std::fs::read_dir(dir)
-        .map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?
+        .map_err(|source| Error::Io { path: dir.to_path_buf(), source })?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect();
-    if names
-        .iter()
-        .any(|n| n.starts_with("model-") && n.ends_with(".safetensors"))
-    {
-        return Err(Error::MissingFile {
-            path: index,
-            what: "the shard index for the model-*.safetensors files".into(),
-        });
+    if names.iter().any(|n| n.starts_with("model-") && n.ends_with(".safetensors")) {
+        return Err(Error::MissingFile { path: index, what: "the shard index for the model-*.safetensors files".into() });
     }
-    if let Some(pickle) = names
-        .iter()
-        .filter(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"))
-        .min()
-    {
-        return Err(Error::PickleCheckpoint {
-            path: dir.join(pickle),
-        });
+    if let Some(pickle) = names.iter().filter(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth")).min() {
+        return Err(Error::PickleCheckpoint { path: dir.join(pickle) });
     }
     Err(Error::MissingFile {
         path: single,
-        what: "weights: model.safetensors (or model-*.safetensors + model.safetensors.index.json)"
-            .into(),
+        what: "weights: model.safetensors (or model-*.safetensors + model.safetensors.index.json)".into(),
     })
 }
 
@@ -173,19 +134,12 @@ pub fn model_digest(dir: &Path) -> Result<String> {
         // A GGUF file is the whole model.
         vec![dir.to_path_buf()]
     } else {
-        let mut files: Vec<PathBuf> = DIGESTED_FILES
-            .iter()
-            .map(|f| dir.join(f))
-            .filter(|p| p.is_file())
-            .collect();
+        let mut files: Vec<PathBuf> = DIGESTED_FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file()).collect();
         files.extend(weight_files(dir)?);
         files
     };
     for p in files {
-        let io = |source| Error::Io {
-            path: p.clone(),
-            source,
-        };
+        let io = |source| Error::Io { path: p.clone(), source };
         let mut f = std::fs::File::open(&p).map_err(io)?;
         let len = f.metadata().map_err(io)?.len();
         d.add(&p.file_name().unwrap_or_default().to_string_lossy(), len);
@@ -215,10 +169,7 @@ impl Model {
     }
 
     fn load_inner(dir: &Path, device: &Device, trainable: bool) -> Result<Model> {
-        let is_gguf = dir.is_file()
-            && dir
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        let is_gguf = dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
         if is_gguf {
             if trainable {
                 return Err(Error::Unsupported {
@@ -230,23 +181,10 @@ impl Model {
             }
             let g = crate::gguf::read(dir, device)?;
             let digest = model_digest(dir)?;
-            return Self::assemble(
-                dir,
-                device,
-                g.config,
-                g.tensors,
-                g.tokenizer,
-                Some(g.stop_ids),
-                digest,
-                false,
-                dir.to_path_buf(),
-            );
+            return Self::assemble(dir, device, g.config, g.tensors, g.tokenizer, Some(g.stop_ids), digest, false, dir.to_path_buf());
         }
         if !dir.is_dir() {
-            return Err(Error::MissingFile {
-                path: dir.to_path_buf(),
-                what: "model directory (or .gguf file)".into(),
-            });
+            return Err(Error::MissingFile { path: dir.to_path_buf(), what: "model directory (or .gguf file)".into() });
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
@@ -264,36 +202,14 @@ impl Model {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for f in &files {
             let bytes = read_file(f)?;
-            digest.add(
-                &f.file_name().unwrap_or_default().to_string_lossy(),
-                bytes.len() as u64,
-            );
+            digest.add(&f.file_name().unwrap_or_default().to_string_lossy(), bytes.len() as u64);
             digest.0.update(&bytes);
-            let map = candle_core::safetensors::load_buffer(&bytes, device).map_err(|source| {
-                Error::Weights {
-                    path: f.clone(),
-                    source,
-                }
-            })?;
+            let map = candle_core::safetensors::load_buffer(&bytes, device).map_err(|source| Error::Weights { path: f.clone(), source })?;
             tensors.extend(map);
         }
-        let weights_path = if files.len() == 1 {
-            files[0].clone()
-        } else {
-            dir.to_path_buf()
-        };
+        let weights_path = if files.len() == 1 { files[0].clone() } else { dir.to_path_buf() };
         let digest = digest.0.finalize().to_hex().to_string();
-        Self::assemble(
-            dir,
-            device,
-            config,
-            tensors,
-            tokenizer,
-            None,
-            digest,
-            trainable,
-            weights_path,
-        )
+        Self::assemble(dir, device, config, tensors, tokenizer, None, digest, trainable, weights_path)
     }
 
     /// Builds the decoder from checkpoint-named tensors and resolves special ids.
@@ -309,18 +225,13 @@ impl Model {
         trainable: bool,
         weights_path: PathBuf,
     ) -> Result<Model> {
-        let weights_err = |source| Error::Weights {
-            path: weights_path.clone(),
-            source,
-        };
+        let weights_err = |source| Error::Weights { path: weights_path.clone(), source };
         let (decoder, varmap) = if trainable {
             let varmap = VarMap::new();
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
             let decoder = Decoder::new(&config, vb).map_err(weights_err)?;
             for (name, var) in lock(&varmap)?.iter() {
-                let t = tensors.get(name).ok_or_else(|| {
-                    weights_err(candle_core::Error::CannotFindTensor { path: name.clone() })
-                })?;
+                let t = tensors.get(name).ok_or_else(|| weights_err(candle_core::Error::CannotFindTensor { path: name.clone() }))?;
                 if t.dims() != var.dims() {
                     return Err(weights_err(candle_core::Error::UnexpectedShape {
                         msg: format!("shape mismatch for {name}"),
@@ -337,19 +248,10 @@ impl Model {
         };
 
         // Every id the tokenizer can emit must have an embedding row.
-        let needed = tokenizer
-            .inner()
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&m| m as usize + 1);
+        let needed = tokenizer.inner().get_vocab(true).values().max().map_or(0, |&m| m as usize + 1);
         if needed > config.vocab_size {
             return Err(Error::VocabMismatch {
-                path: if dir.is_file() {
-                    dir.to_path_buf()
-                } else {
-                    dir.join("tokenizer.json")
-                },
+                path: if dir.is_file() { dir.to_path_buf() } else { dir.join("tokenizer.json") },
                 expected: config.vocab_size,
                 got: needed,
             });
@@ -370,24 +272,9 @@ impl Model {
         stop_ids.extend(eos_id);
         stop_ids.sort();
         stop_ids.dedup();
-        let pad_id = tokenizer
-            .pad_id()
-            .or(config.pad_token_id)
-            .or(eos_id)
-            .unwrap_or(0);
+        let pad_id = tokenizer.pad_id().or(config.pad_token_id).or(eos_id).unwrap_or(0);
 
-        Ok(Model {
-            decoder,
-            tokenizer,
-            digest,
-            config,
-            dir: dir.to_path_buf(),
-            device: device.clone(),
-            stop_ids,
-            eos_id,
-            pad_id,
-            varmap,
-        })
+        Ok(Model { decoder, tokenizer, digest, config, dir: dir.to_path_buf(), device: device.clone(), stop_ids, eos_id, pad_id, varmap })
     }
 
     /// The trainable weights (models from [`Model::load_trainable`] only).
@@ -399,33 +286,21 @@ impl Model {
     /// (and [`Model::load`]) can load: `model.safetensors` with the current
     /// weights, plus this model's config, tokenizer and generation files.
     pub fn save_pretrained(&self, out: &Path) -> Result<()> {
-        let varmap = self.varmap.as_ref().ok_or_else(|| {
-            invalid_input(
-                "model for save_pretrained",
-                "one loaded with Model::load_trainable",
-                "an inference model",
-            )
-        })?;
-        std::fs::create_dir_all(out).map_err(|source| Error::Io {
-            path: out.to_path_buf(),
-            source,
-        })?;
+        let varmap = self
+            .varmap
+            .as_ref()
+            .ok_or_else(|| invalid_input("model for save_pretrained", "one loaded with Model::load_trainable", "an inference model"))?;
+        std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
         let mut tensors = std::collections::BTreeMap::new();
         for (name, var) in lock(varmap)?.iter() {
             let t = var.as_tensor().to_dtype(DType::F32)?;
-            tensors.insert(
-                name.clone(),
-                (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?),
-            );
+            tensors.insert(name.clone(), (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?));
         }
         crate::fixture::write_safetensors(&out.join("model.safetensors"), &tensors)?;
         for name in DIGESTED_FILES {
             let src = self.dir.join(name);
             if src.is_file() {
-                std::fs::copy(&src, out.join(name)).map_err(|source| Error::Io {
-                    path: src.clone(),
-                    source,
-                })?;
+                std::fs::copy(&src, out.join(name)).map_err(|source| Error::Io { path: src.clone(), source })?;
             }
         }
         Ok(())
@@ -477,9 +352,7 @@ impl Model {
     /// `add_generation_prompt=true`, encoded with `add_special_tokens=false`.
     pub fn encode_prompt(&self, prompt: &str, chat_template: bool) -> Result<Vec<u32>> {
         if chat_template {
-            let text = self
-                .tokenizer
-                .apply_chat_template(&[ChatMessage::user(prompt)], true)?;
+            let text = self.tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)?;
             self.tokenizer.encode(&text, false)
         } else {
             self.tokenizer.encode(prompt, true)
@@ -516,22 +389,13 @@ impl Model {
                 "sequence-classification (reward)"
             }
         };
-        Err(Error::WrongHead {
-            op,
-            needs: name(lm),
-            has: name(is_lm),
-            architecture: self.config.architecture.clone(),
-        })
+        Err(Error::WrongHead { op, needs: name(lm), has: name(is_lm), architecture: self.config.architecture.clone() })
     }
 
     /// Checks ids are in the vocabulary and the sequence fits the context.
     fn check_sequence(&self, index: usize, what: &str, ids: &[u32], min_len: usize) -> Result<()> {
         if ids.len() < min_len {
-            return Err(invalid_input(
-                format!("{what} of item {index}"),
-                format!("at least {min_len} token(s)"),
-                ids.len(),
-            ));
+            return Err(invalid_input(format!("{what} of item {index}"), format!("at least {min_len} token(s)"), ids.len()));
         }
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             return Err(invalid_input(
@@ -553,11 +417,7 @@ impl Model {
                 self.check_sequence(i, "response_ids", r, 1)?;
                 let len = p.len() + r.len();
                 if len > self.max_len() {
-                    return Err(Error::SequenceTooLong {
-                        index: i,
-                        len,
-                        max: self.max_len(),
-                    });
+                    return Err(Error::SequenceTooLong { index: i, len, max: self.max_len() });
                 }
                 Ok([p.as_slice(), r].concat())
             })
@@ -572,15 +432,9 @@ impl Model {
         let mut out = vec![0f64; batch.len()];
         for group in micro_batches(&seqs) {
             let rows: Vec<Vec<u32>> = group.iter().map(|&i| seqs[i].clone()).collect();
-            let split: Vec<(usize, usize)> = group
-                .iter()
-                .map(|&i| (batch[i].0.len(), batch[i].1.len()))
-                .collect();
+            let split: Vec<(usize, usize)> = group.iter().map(|&i| (batch[i].0.len(), batch[i].1.len())).collect();
             let padded = PaddedBatch::right_padded(&rows, self.pad_id, &self.device)?;
-            let tok = self
-                .decoder
-                .response_token_logps(&padded, &split)?
-                .to_vec1::<f32>()?;
+            let tok = self.decoder.response_token_logps(&padded, &split)?.to_vec1::<f32>()?;
             let mut at = 0;
             for (&i, &(_, r)) in group.iter().zip(&split) {
                 out[i] = tok[at..at + r].iter().map(|&x| f64::from(x)).sum();
@@ -599,22 +453,14 @@ impl Model {
         let mut out = vec![vec![]; batch.len()];
         for group in micro_batches(&seqs) {
             let rows: Vec<Vec<u32>> = group.iter().map(|&i| seqs[i].clone()).collect();
-            let split: Vec<(usize, usize)> = group
-                .iter()
-                .map(|&i| (batch[i].0.len(), batch[i].1.len()))
-                .collect();
+            let split: Vec<(usize, usize)> = group.iter().map(|&i| (batch[i].0.len(), batch[i].1.len())).collect();
             let padded = PaddedBatch::right_padded(&rows, self.pad_id, &self.device)?;
-            let h = self
-                .decoder
-                .response_hidden(&padded, &split)?
-                .to_vec2::<f32>()?;
+            let h = self.decoder.response_hidden(&padded, &split)?.to_vec2::<f32>()?;
             let mut at = 0;
             for (&i, &(_, r)) in group.iter().zip(&split) {
                 let mut sum = vec![0f64; self.config.hidden_size];
                 for row in &h[at..at + r] {
-                    sum.iter_mut()
-                        .zip(row)
-                        .for_each(|(s, &x)| *s += f64::from(x));
+                    sum.iter_mut().zip(row).for_each(|(s, &x)| *s += f64::from(x));
                 }
                 out[i] = sum.into_iter().map(|x| x as f32).collect();
                 at += r;
@@ -629,11 +475,7 @@ impl Model {
         for (i, s) in seqs.iter().enumerate() {
             self.check_sequence(i, "sequence", s, 1)?;
             if s.len() > self.max_len() {
-                return Err(Error::SequenceTooLong {
-                    index: i,
-                    len: s.len(),
-                    max: self.max_len(),
-                });
+                return Err(Error::SequenceTooLong { index: i, len: s.len(), max: self.max_len() });
             }
         }
         let mut out = vec![vec![]; seqs.len()];
@@ -654,48 +496,27 @@ impl Model {
         self.require_head("rewards", false)?;
         if let HeadKind::SequenceClassification { num_labels } = self.config.head {
             if num_labels != 1 {
-                return Err(invalid_input(
-                    "reward model num_labels",
-                    "1 (use `scores` for more)",
-                    num_labels,
-                ));
+                return Err(invalid_input("reward model num_labels", "1 (use `scores` for more)", num_labels));
             }
         }
         let seqs = self.pair_sequences(batch)?;
-        Ok(self
-            .scores(&seqs)?
-            .into_iter()
-            .map(|s| f64::from(s[0]))
-            .collect())
+        Ok(self.scores(&seqs)?.into_iter().map(|s| f64::from(s[0])).collect())
     }
 
     /// Samples one response per prompt; `seeds[i]` alone drives prompt i's
     /// randomness, so results do not depend on batch composition. A prompt
     /// with no room left in the context gives [`Error::PromptTooLong`]
     /// (check with [`Model::max_len`] first to drop such prompts).
-    pub fn generate(
-        &self,
-        prompts: &[Vec<u32>],
-        params: &SamplingParams,
-        seeds: &[u64],
-    ) -> Result<Vec<Generation>> {
+    pub fn generate(&self, prompts: &[Vec<u32>], params: &SamplingParams, seeds: &[u64]) -> Result<Vec<Generation>> {
         self.require_head("generate", true)?;
         params.validate()?;
         if prompts.len() != seeds.len() {
-            return Err(invalid_input(
-                "seeds",
-                format!("one per prompt ({})", prompts.len()),
-                seeds.len(),
-            ));
+            return Err(invalid_input("seeds", format!("one per prompt ({})", prompts.len()), seeds.len()));
         }
         for (i, p) in prompts.iter().enumerate() {
             self.check_sequence(i, "prompt_ids", p, 1)?;
             if p.len() >= self.max_len() {
-                return Err(Error::PromptTooLong {
-                    index: i,
-                    len: p.len(),
-                    max: self.max_len(),
-                });
+                return Err(Error::PromptTooLong { index: i, len: p.len(), max: self.max_len() });
             }
         }
         let mut out = Vec::with_capacity(prompts.len());
@@ -708,12 +529,7 @@ impl Model {
         Ok(out)
     }
 
-    fn generate_chunk(
-        &self,
-        prompts: &[&[u32]],
-        params: &SamplingParams,
-        seeds: &[u64],
-    ) -> Result<Vec<Generation>> {
+    fn generate_chunk(&self, prompts: &[&[u32]], params: &SamplingParams, seeds: &[u64]) -> Result<Vec<Generation>> {
         struct Row {
             rng: rand_chacha::ChaCha20Rng,
             tokens: Vec<u32>,
@@ -726,13 +542,7 @@ impl Model {
         let mut rows: Vec<Row> = prompts
             .iter()
             .zip(seeds)
-            .map(|(p, &s)| Row {
-                rng: rng_for(s),
-                tokens: vec![],
-                prompt_len: p.len(),
-                finish: None,
-                stop_at: None,
-            })
+            .map(|(p, &s)| Row { rng: rng_for(s), tokens: vec![], prompt_len: p.len(), finish: None, stop_at: None })
             .collect();
 
         // Prefill, left-padded so every row's last prompt token is in the last column.
@@ -746,10 +556,7 @@ impl Model {
         let capacity = (width + params.max_new_tokens).min(self.max_len());
         let mut cache = KvCache::with_capacity(self.config.num_hidden_layers, capacity);
         let input = Tensor::from_vec(ids, (b, width), &self.device)?;
-        let hidden = self
-            .decoder
-            .body()
-            .forward(&input, &q_pos, Some(&mut cache))?;
+        let hidden = self.decoder.body().forward(&input, &q_pos, Some(&mut cache))?;
         let mut logits = self.last_logits(&hidden)?;
         let mut active: Vec<usize> = (0..b).collect();
 
@@ -772,9 +579,7 @@ impl Model {
                         continue;
                     }
                 }
-                if row.tokens.len() >= params.max_new_tokens
-                    || row.prompt_len + row.tokens.len() >= self.max_len()
-                {
+                if row.tokens.len() >= params.max_new_tokens || row.prompt_len + row.tokens.len() >= self.max_len() {
                     row.finish = Some(FinishReason::Length);
                     continue;
                 }
@@ -786,19 +591,10 @@ impl Model {
             }
             cache.retain_rows(&still)?;
             active = still_rows;
-            let ids: Vec<u32> = active
-                .iter()
-                .map(|&r| *rows[r].tokens.last().unwrap_or(&self.pad_id))
-                .collect();
-            let q_pos: Vec<Option<u32>> = active
-                .iter()
-                .map(|&r| Some((rows[r].prompt_len + rows[r].tokens.len() - 1) as u32))
-                .collect();
+            let ids: Vec<u32> = active.iter().map(|&r| *rows[r].tokens.last().unwrap_or(&self.pad_id)).collect();
+            let q_pos: Vec<Option<u32>> = active.iter().map(|&r| Some((rows[r].prompt_len + rows[r].tokens.len() - 1) as u32)).collect();
             let input = Tensor::from_vec(ids, (active.len(), 1), &self.device)?;
-            let hidden = self
-                .decoder
-                .body()
-                .forward(&input, &q_pos, Some(&mut cache))?;
+            let hidden = self.decoder.body().forward(&input, &q_pos, Some(&mut cache))?;
             logits = self.last_logits(&hidden)?;
         }
 
@@ -827,10 +623,7 @@ impl Model {
 }
 
 fn lock(varmap: &VarMap) -> Result<std::sync::MutexGuard<'_, HashMap<String, candle_core::Var>>> {
-    varmap
-        .data()
-        .lock()
-        .map_err(|_| invalid_input("VarMap", "an unpoisoned lock", "poisoned by a panic"))
+    varmap.data().lock().map_err(|_| invalid_input("VarMap", "an unpoisoned lock", "poisoned by a panic"))
 }
 
 /// Groups sequence indices into micro-batches of similar length (longest
@@ -841,9 +634,7 @@ fn micro_batches(seqs: &[Vec<u32>]) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = vec![];
     for i in order {
         match groups.last_mut() {
-            Some(g) if g.len() < MAX_BATCH && (g.len() + 1) * seqs[g[0]].len() <= BATCH_TOKENS => {
-                g.push(i)
-            }
+            Some(g) if g.len() < MAX_BATCH && (g.len() + 1) * seqs[g[0]].len() <= BATCH_TOKENS => g.push(i),
             _ => groups.push(vec![i]),
         }
     }
@@ -862,10 +653,7 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..100).collect::<Vec<_>>());
         for g in &groups {
-            assert!(
-                g.len() <= MAX_BATCH
-                    && (g.len() == 1 || g.len() * seqs[g[0]].len() <= BATCH_TOKENS)
-            );
+            assert!(g.len() <= MAX_BATCH && (g.len() == 1 || g.len() * seqs[g[0]].len() <= BATCH_TOKENS));
         }
     }
 

@@ -19,10 +19,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn user(content: impl Into<String>) -> Self {
-        Self {
-            role: "user".into(),
-            content: content.into(),
-        }
+        Self { role: "user".into(), content: content.into() }
     }
 }
 
@@ -53,15 +50,9 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
         env.add_template_owned("chat_template", source)?;
         Ok(Self { env })
     }
@@ -84,17 +75,9 @@ pub struct TextTokenizer {
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| Error::Json {
-                path: path.to_path_buf(),
-                source,
-            }),
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|source| Error::Json { path: path.to_path_buf(), source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(Error::Io { path: path.to_path_buf(), source }),
     }
 }
 
@@ -118,23 +101,14 @@ impl TextTokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            return Err(Error::MissingFile {
-                path: tok_path,
-                what: "tokenizer.json (a Hugging Face fast tokenizer)".into(),
-            });
+            return Err(Error::MissingFile { path: tok_path, what: "tokenizer.json (a Hugging Face fast tokenizer)".into() });
         }
-        let mut tokenizer =
-            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer {
-                what: tok_path.display().to_string(),
-                msg: e.to_string(),
-            })?;
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::Tokenizer { what: tok_path.display().to_string(), msg: e.to_string() })?;
         // Sequences are assembled here; the file's own truncation/padding would change ids.
         tokenizer
             .with_truncation(None)
-            .map_err(|e| Error::Tokenizer {
-                what: tok_path.display().to_string(),
-                msg: e.to_string(),
-            })?
+            .map_err(|e| Error::Tokenizer { what: tok_path.display().to_string(), msg: e.to_string() })?
             .with_padding(None);
 
         let cfg_path = dir.join("tokenizer_config.json");
@@ -148,12 +122,7 @@ impl TextTokenizer {
 
         let jinja_path = dir.join("chat_template.jinja");
         let source = if jinja_path.is_file() {
-            Some(
-                std::fs::read_to_string(&jinja_path).map_err(|source| Error::Io {
-                    path: jinja_path.clone(),
-                    source,
-                })?,
-            )
+            Some(std::fs::read_to_string(&jinja_path).map_err(|source| Error::Io { path: jinja_path.clone(), source })?)
         } else {
             match cfg.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
@@ -165,20 +134,12 @@ impl TextTokenizer {
                     .and_then(|t| t.get("template"))
                     .and_then(Value::as_str)
                     .map(str::to_string),
-                _ => read_json(&dir.join("chat_template.json"))?.and_then(|v| {
-                    v.get("chat_template")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                }),
+                _ => read_json(&dir.join("chat_template.json"))?
+                    .and_then(|v| v.get("chat_template").and_then(Value::as_str).map(str::to_string)),
             }
         };
         let chat = source.map(|s| ChatTemplate::new(s).map_err(|e| format!("{e:#}")));
-        Ok(Self {
-            tokenizer,
-            chat,
-            special,
-            template_source: dir.join("tokenizer_config.json"),
-        })
+        Ok(Self { tokenizer, chat, special, template_source: dir.join("tokenizer_config.json") })
     }
 
     /// A tokenizer assembled elsewhere (e.g. from GGUF metadata); `source` names it in errors.
@@ -190,12 +151,7 @@ impl TextTokenizer {
     ) -> Self {
         tokenizer.with_padding(None);
         let chat = chat_template.map(|s| ChatTemplate::new(s).map_err(|e| format!("{e:#}")));
-        Self {
-            tokenizer,
-            chat,
-            special,
-            template_source: source.to_path_buf(),
-        }
+        Self { tokenizer, chat, special, template_source: source.to_path_buf() }
     }
 
     /// The underlying `tokenizers` tokenizer.
@@ -218,18 +174,12 @@ impl TextTokenizer {
 
     /// The id of `eos_token` from tokenizer_config.json, if any.
     pub fn eos_id(&self) -> Option<u32> {
-        self.special
-            .eos_token
-            .as_deref()
-            .and_then(|t| self.token_to_id(t))
+        self.special.eos_token.as_deref().and_then(|t| self.token_to_id(t))
     }
 
     /// The id of `pad_token` from tokenizer_config.json, if any.
     pub fn pad_id(&self) -> Option<u32> {
-        self.special
-            .pad_token
-            .as_deref()
-            .and_then(|t| self.token_to_id(t))
+        self.special.pad_token.as_deref().and_then(|t| self.token_to_id(t))
     }
 
     /// Whether the model ships a chat template.
@@ -239,50 +189,26 @@ impl TextTokenizer {
 
     /// `tokenizer(text, add_special_tokens=...)["input_ids"]`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer {
-                what: "encode".into(),
-                msg: e.to_string(),
-            })?;
+        let enc =
+            self.tokenizer.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer { what: "encode".into(), msg: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// `tokenizer.decode(ids, skip_special_tokens=...)`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.tokenizer
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| Error::Tokenizer {
-                what: "decode".into(),
-                msg: e.to_string(),
-            })
+        self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenizer { what: "decode".into(), msg: e.to_string() })
     }
 
     /// `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let chat = match &self.chat {
-            None => {
-                return Err(Error::NoChatTemplate {
-                    path: self.template_source.clone(),
-                })
-            }
+            None => return Err(Error::NoChatTemplate { path: self.template_source.clone() }),
             Some(Err(msg)) => return Err(Error::ChatTemplate { msg: msg.clone() }),
             Some(Ok(chat)) => chat,
         };
         let mut ctx = serde_json::Map::new();
-        ctx.insert(
-            "messages".into(),
-            serde_json::to_value(messages).unwrap_or(Value::Null),
-        );
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Value::Bool(add_generation_prompt),
-        );
+        ctx.insert("messages".into(), serde_json::to_value(messages).unwrap_or(Value::Null));
+        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
         for (name, value) in [
             ("bos_token", &self.special.bos_token),
             ("eos_token", &self.special.eos_token),
@@ -293,10 +219,7 @@ impl TextTokenizer {
                 ctx.insert(name.into(), Value::String(v.clone()));
             }
         }
-        chat.render(&minijinja::Value::from_serialize(&ctx))
-            .map_err(|e| Error::ChatTemplate {
-                msg: format!("{e:#}"),
-            })
+        chat.render(&minijinja::Value::from_serialize(&ctx)).map_err(|e| Error::ChatTemplate { msg: format!("{e:#}") })
     }
 }
 
@@ -312,28 +235,12 @@ mod tests {
                 .into(),
         )
         .unwrap();
-        let ctx = |msgs: Vec<ChatMessage>| {
-            minijinja::Value::from_serialize(
-                serde_json::json!({"messages": msgs, "add_generation_prompt": true}),
-            )
-        };
-        let out = t
-            .render(&ctx(vec![
-                ChatMessage::user("  hi "),
-                ChatMessage {
-                    role: "assistant".into(),
-                    content: "yo".into(),
-                },
-            ]))
-            .unwrap();
+        let ctx =
+            |msgs: Vec<ChatMessage>| minijinja::Value::from_serialize(serde_json::json!({"messages": msgs, "add_generation_prompt": true}));
+        let out = t.render(&ctx(vec![ChatMessage::user("  hi "), ChatMessage { role: "assistant".into(), content: "yo".into() }])).unwrap();
         // Expected output from jinja2 3.1.6 ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).
         assert_eq!(out, "<user>hi|<assistant>yo<assistant>");
-        let err = t
-            .render(&ctx(vec![ChatMessage {
-                role: "tool".into(),
-                content: "x".into(),
-            }]))
-            .unwrap_err();
+        let err = t.render(&ctx(vec![ChatMessage { role: "tool".into(), content: "x".into() }])).unwrap_err();
         assert!(format!("{err:#}").contains("bad role: tool"), "{err:#}");
     }
 

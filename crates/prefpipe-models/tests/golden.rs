@@ -8,9 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use prefpipe_models::{
-    ches, model_digest, write_fixture, write_reward_fixture, Device, Family, Model, SamplingParams,
-};
+use prefpipe_models::{ches, model_digest, write_fixture, write_reward_fixture, Device, Family, Model, SamplingParams};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -54,11 +52,7 @@ fn committed_fixtures_are_reproducible() {
             let file = entry.unwrap().file_name();
             let a = std::fs::read(fresh.path().join(&file)).unwrap();
             let b = std::fs::read(committed.join(&file)).unwrap_or_default();
-            assert!(
-                a == b,
-                "{name}/{}: differs from write_fixture output; re-bless with PREFPIPE_BLESS=1",
-                file.to_string_lossy()
-            );
+            assert!(a == b, "{name}/{}: differs from write_fixture output; re-bless with PREFPIPE_BLESS=1", file.to_string_lossy());
         }
     }
 }
@@ -73,11 +67,7 @@ fn load(name: &str) -> Model {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn f(v: &Value) -> f64 {
@@ -102,10 +92,7 @@ fn rust_pairs(model: &Model, g: &Value, chat: bool) -> Vec<(Vec<u32>, Vec<u32>)>
         .map(|p| {
             let prompt = p["prompt"].as_str().unwrap();
             let response = p["response"].as_str().unwrap();
-            (
-                model.encode_prompt(prompt, chat).unwrap(),
-                model.encode_response(response).unwrap(),
-            )
+            (model.encode_prompt(prompt, chat).unwrap(), model.encode_response(response).unwrap())
         })
         .collect()
 }
@@ -119,38 +106,15 @@ fn tokenization_matches_transformers() {
         let g = golden(name);
         for (mode, chat) in MODES {
             let pairs = rust_pairs(&model, &g, chat);
-            for (i, (p, (pids, rids))) in g["pairs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .zip(&pairs)
-                .enumerate()
-            {
-                assert_eq!(
-                    pids,
-                    &ids(&p[mode]["prompt_ids"]),
-                    "{name} pair {i} {mode} prompt_ids"
-                );
-                assert_eq!(
-                    rids,
-                    &ids(&p["response_ids"]),
-                    "{name} pair {i} response_ids"
-                );
+            for (i, (p, (pids, rids))) in g["pairs"].as_array().unwrap().iter().zip(&pairs).enumerate() {
+                assert_eq!(pids, &ids(&p[mode]["prompt_ids"]), "{name} pair {i} {mode} prompt_ids");
+                assert_eq!(rids, &ids(&p["response_ids"]), "{name} pair {i} response_ids");
                 if let Some(text) = p.get("chat_text") {
                     let rendered = model
                         .tokenizer()
-                        .apply_chat_template(
-                            &[prefpipe_models::ChatMessage::user(
-                                p["prompt"].as_str().unwrap(),
-                            )],
-                            true,
-                        )
+                        .apply_chat_template(&[prefpipe_models::ChatMessage::user(p["prompt"].as_str().unwrap())], true)
                         .unwrap();
-                    assert_eq!(
-                        rendered,
-                        text.as_str().unwrap(),
-                        "{name} pair {i} chat text"
-                    );
+                    assert_eq!(rendered, text.as_str().unwrap(), "{name} pair {i} chat text");
                 }
             }
         }
@@ -175,17 +139,10 @@ fn logprobs_match_transformers() {
                 for got in [batched[i], alone] {
                     let e = rel_err(got, want);
                     worst = worst.max(e);
-                    assert!(
-                        e <= REL_TOL,
-                        "{name} pair {i} {mode}: logprob {got} vs transformers {want} (rel {e:.2e})"
-                    );
+                    assert!(e <= REL_TOL, "{name} pair {i} {mode}: logprob {got} vs transformers {want} (rel {e:.2e})");
                 }
                 // Batched and unbatched agree far tighter than the golden tolerance.
-                assert!(
-                    rel_err(batched[i], alone) <= 1e-5,
-                    "{name} pair {i}: batched {} vs alone {alone}",
-                    batched[i]
-                );
+                assert!(rel_err(batched[i], alone) <= 1e-5, "{name} pair {i}: batched {} vs alone {alone}", batched[i]);
             }
         }
     }
@@ -208,26 +165,15 @@ fn hidden_sums_and_ches_match_transformers() {
             let pairs = rust_pairs(&model, &g, chat);
             let batched = model.hidden_sums(&pairs).unwrap();
             for (i, p) in gp.iter().enumerate() {
-                let want: Vec<f64> = p[mode]["hidden_sum"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(f)
-                    .collect();
-                let alone = model
-                    .hidden_sums(std::slice::from_ref(&pairs[i]))
-                    .unwrap()
-                    .remove(0);
+                let want: Vec<f64> = p[mode]["hidden_sum"].as_array().unwrap().iter().map(f).collect();
+                let alone = model.hidden_sums(std::slice::from_ref(&pairs[i])).unwrap().remove(0);
                 let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
                 for got in [&batched[i], &alone] {
                     assert_eq!(got.len(), want.len());
                     for (k, (&a, &b)) in got.iter().zip(&want).enumerate() {
                         let e = (f64::from(a) - b).abs() / scale;
                         worst_s = worst_s.max(e);
-                        assert!(
-                            e <= REL_TOL,
-                            "{name} pair {i} {mode} S[{k}]: {a} vs transformers {b} (rel {e:.2e})"
-                        );
+                        assert!(e <= REL_TOL, "{name} pair {i} {mode} S[{k}]: {a} vs transformers {b} (rel {e:.2e})");
                     }
                 }
             }
@@ -235,29 +181,17 @@ fn hidden_sums_and_ches_match_transformers() {
                 continue;
             }
             for c in g["ches"].as_array().unwrap() {
-                let (i, j) = (
-                    c["chosen"].as_u64().unwrap() as usize,
-                    c["rejected"].as_u64().unwrap() as usize,
-                );
+                let (i, j) = (c["chosen"].as_u64().unwrap() as usize, c["rejected"].as_u64().unwrap() as usize);
                 let (lp, ln) = (pairs[i].1.len(), pairs[j].1.len());
                 let (got_c, got_l) = ches(&batched[i], &batched[j], lp, ln);
-                let sp: f64 = batched[i]
-                    .iter()
-                    .map(|&x| f64::from(x) * f64::from(x))
-                    .sum();
-                let sn: f64 = batched[j]
-                    .iter()
-                    .map(|&x| f64::from(x) * f64::from(x))
-                    .sum();
+                let sp: f64 = batched[i].iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+                let sn: f64 = batched[j].iter().map(|&x| f64::from(x) * f64::from(x)).sum();
                 let scale_c = sp + (sp * sn).sqrt();
                 let scale_l = sp / (lp * lp) as f64 + (sp * sn).sqrt() / (lp * ln) as f64;
                 let ec = (got_c - f(&c["ches"])).abs() / scale_c;
                 let el = (got_l - f(&c["ln_ches"])).abs() / scale_l;
                 worst_c = worst_c.max(ec).max(el);
-                assert!(
-                    ec <= REL_TOL && el <= REL_TOL,
-                    "{name} ches ({i},{j}): ({got_c}, {got_l}) vs {c}"
-                );
+                assert!(ec <= REL_TOL && el <= REL_TOL, "{name} ches ({i},{j}): ({got_c}, {got_l}) vs {c}");
             }
         }
     }
@@ -275,41 +209,18 @@ fn greedy_generation_matches_transformers() {
         let items = g["generate"]["items"].as_array().unwrap();
         let prompts: Vec<Vec<u32>> = items
             .iter()
-            .map(|it| {
-                model
-                    .encode_prompt(
-                        it["prompt"].as_str().unwrap(),
-                        it["chat_template"].as_bool().unwrap(),
-                    )
-                    .unwrap()
-            })
+            .map(|it| model.encode_prompt(it["prompt"].as_str().unwrap(), it["chat_template"].as_bool().unwrap()).unwrap())
             .collect();
-        let params =
-            SamplingParams::greedy(g["generate"]["max_new_tokens"].as_u64().unwrap() as usize);
+        let params = SamplingParams::greedy(g["generate"]["max_new_tokens"].as_u64().unwrap() as usize);
         let seeds = vec![0u64; prompts.len()];
         let batched = model.generate(&prompts, &params, &seeds).unwrap();
         for (i, it) in items.iter().enumerate() {
             assert_eq!(prompts[i], ids(&it["prompt_ids"]), "{name} gen {i} prompt");
-            let alone = model
-                .generate(std::slice::from_ref(&prompts[i]), &params, &[0])
-                .unwrap()
-                .remove(0);
+            let alone = model.generate(std::slice::from_ref(&prompts[i]), &params, &[0]).unwrap().remove(0);
             for got in [&batched[i], &alone] {
-                assert_eq!(
-                    got.token_ids,
-                    ids(&it["token_ids"]),
-                    "{name} gen {i} tokens"
-                );
-                assert_eq!(
-                    got.text,
-                    it["text"].as_str().unwrap(),
-                    "{name} gen {i} text"
-                );
-                assert_eq!(
-                    got.finish_reason.as_str(),
-                    it["finish_reason"].as_str().unwrap(),
-                    "{name} gen {i}"
-                );
+                assert_eq!(got.token_ids, ids(&it["token_ids"]), "{name} gen {i} tokens");
+                assert_eq!(got.text, it["text"].as_str().unwrap(), "{name} gen {i} text");
+                assert_eq!(got.finish_reason.as_str(), it["finish_reason"].as_str().unwrap(), "{name} gen {i}");
                 assert_eq!(got.n_tokens, got.token_ids.len());
             }
         }
@@ -333,19 +244,13 @@ fn rewards_match_transformers() {
             for got in [batched[i], alone] {
                 let e = rel_err(got, want);
                 worst = worst.max(e);
-                assert!(
-                    e <= REL_TOL,
-                    "pair {i} {mode}: reward {got} vs transformers {want} (rel {e:.2e})"
-                );
+                assert!(e <= REL_TOL, "pair {i} {mode}: reward {got} vs transformers {want} (rel {e:.2e})");
             }
         }
     }
     eprintln!("rewards: max relative error vs transformers {worst:.2e}");
     // A reward model has no LM head, and a causal LM no score head.
-    let err = model
-        .logprobs(&[(vec![1], vec![2])])
-        .unwrap_err()
-        .to_string();
+    let err = model.logprobs(&[(vec![1], vec![2])]).unwrap_err().to_string();
     assert!(err.contains("causal LM"), "{err}");
     assert!(load("tiny-llama").rewards(&[(vec![1], vec![2])]).is_err());
 }
@@ -361,11 +266,7 @@ fn transformers_5x_files_load() {
         let e = e.unwrap();
         std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
     }
-    std::fs::copy(
-        models_dir().join("tiny-llama/model.safetensors"),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
+    std::fs::copy(models_dir().join("tiny-llama/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
     let m5 = Model::load(dir.path(), &Device::Cpu).unwrap();
     let m4 = load("tiny-llama");
     let mut c5 = m5.config().clone();
@@ -387,24 +288,10 @@ fn transformers_5x_files_load() {
 #[test]
 fn sampling_is_independent_of_batch_size() {
     let model = load("tiny-qwen2");
-    let texts = [
-        "What is the capital of France?",
-        "Why is the sky blue?",
-        "为什么天空是蓝色的？",
-        "1",
-    ];
-    let prompts: Vec<Vec<u32>> = (0..16)
-        .map(|i| model.encode_prompt(texts[i % 4], i % 3 == 0).unwrap())
-        .collect();
+    let texts = ["What is the capital of France?", "Why is the sky blue?", "为什么天空是蓝色的？", "1"];
+    let prompts: Vec<Vec<u32>> = (0..16).map(|i| model.encode_prompt(texts[i % 4], i % 3 == 0).unwrap()).collect();
     let seeds: Vec<u64> = (0..16).map(|i| 1000 + i as u64).collect();
-    let params = SamplingParams {
-        temperature: 1.0,
-        top_p: 0.95,
-        top_k: 100,
-        min_p: 0.01,
-        max_new_tokens: 12,
-        stop_strings: vec![],
-    };
+    let params = SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 100, min_p: 0.01, max_new_tokens: 12, stop_strings: vec![] };
     let all = model.generate(&prompts, &params, &seeds).unwrap();
     for size in [1, 4] {
         let mut parts = vec![];
@@ -419,22 +306,11 @@ fn sampling_is_independent_of_batch_size() {
     let cut = &all[1].text.chars().skip(2).take(2).collect::<String>();
     if !cut.is_empty() {
         let stopped = model
-            .generate(
-                &prompts[1..2],
-                &SamplingParams {
-                    stop_strings: vec![cut.clone()],
-                    ..params.clone()
-                },
-                &seeds[1..2],
-            )
+            .generate(&prompts[1..2], &SamplingParams { stop_strings: vec![cut.clone()], ..params.clone() }, &seeds[1..2])
             .unwrap()
             .remove(0);
         assert_eq!(stopped.finish_reason.as_str(), "stop");
-        assert!(
-            !stopped.text.contains(cut.as_str()) && all[1].text.starts_with(&stopped.text),
-            "{stopped:?} vs {:?}",
-            all[1]
-        );
+        assert!(!stopped.text.contains(cut.as_str()) && all[1].text.starts_with(&stopped.text), "{stopped:?} vs {:?}", all[1]);
     }
 }
 
@@ -458,10 +334,7 @@ fn sharded_checkpoint_loads_the_same() {
     let mut weight_map = serde_json::Map::new();
     for (k, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
         let file = format!("model-{:05}-of-00002.safetensors", k + 1);
-        let part: std::collections::HashMap<String, candle_core::Tensor> = chunk
-            .iter()
-            .map(|&n| (n.clone(), tensors[n].clone()))
-            .collect();
+        let part: std::collections::HashMap<String, candle_core::Tensor> = chunk.iter().map(|&n| (n.clone(), tensors[n].clone())).collect();
         candle_core::safetensors::save(&part, dir.path().join(&file)).unwrap();
         for n in chunk {
             weight_map.insert((*n).clone(), Value::from(file.clone()));
@@ -469,23 +342,14 @@ fn sharded_checkpoint_loads_the_same() {
     }
     std::fs::remove_file(&single).unwrap();
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
     let sharded = Model::load(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(sharded.digest(), model_digest(dir.path()).unwrap());
     let pairs = rust_pairs(&sharded, &golden("tiny-llama"), false);
-    assert_eq!(
-        sharded.logprobs(&pairs).unwrap(),
-        load("tiny-llama").logprobs(&pairs).unwrap()
-    );
+    assert_eq!(sharded.logprobs(&pairs).unwrap(), load("tiny-llama").logprobs(&pairs).unwrap());
     // A shard listed in the index but missing is named.
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
-    let err = Model::load(dir.path(), &Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let err = Model::load(dir.path(), &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
 }
 
@@ -494,18 +358,11 @@ fn sharded_checkpoint_loads_the_same() {
 #[test]
 fn digest_identifies_the_model() {
     let m = load("tiny-llama");
-    assert_eq!(
-        m.digest(),
-        model_digest(&models_dir().join("tiny-llama")).unwrap()
-    );
+    assert_eq!(m.digest(), model_digest(&models_dir().join("tiny-llama")).unwrap());
     assert_eq!(m.digest().len(), 64);
     assert_ne!(m.digest(), load("tiny-mistral").digest());
     let dir = copy_dir("tiny-llama");
-    std::fs::write(
-        dir.path().join("generation_config.json"),
-        "{\"eos_token_id\": [2, 1]}",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("generation_config.json"), "{\"eos_token_id\": [2, 1]}").unwrap();
     assert_ne!(model_digest(dir.path()).unwrap(), m.digest());
 }
 
@@ -523,10 +380,7 @@ fn bad_inputs_give_clear_errors() {
         assert!(matches!(err, Error::MissingFile { .. }), "{file}: {err:?}");
         assert!(err.to_string().contains(file), "{err}");
     }
-    assert!(matches!(
-        load_err(Path::new("/nonexistent/model")),
-        Error::MissingFile { .. }
-    ));
+    assert!(matches!(load_err(Path::new("/nonexistent/model")), Error::MissingFile { .. }));
 
     // A pickle checkpoint with no safetensors: told to convert.
     let dir = copy_dir("tiny-qwen2");
@@ -539,63 +393,32 @@ fn bad_inputs_give_clear_errors() {
     // Unsupported architecture: the value and the supported list.
     let dir = copy_dir("tiny-qwen2");
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
-        cfg.replace("Qwen2ForCausalLM", "GPTNeoXForCausalLM"),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("config.json"), cfg.replace("Qwen2ForCausalLM", "GPTNeoXForCausalLM")).unwrap();
     let err = load_err(dir.path()).to_string();
-    assert!(
-        err.contains("GPTNeoXForCausalLM") && err.contains("LlamaForCausalLM"),
-        "{err}"
-    );
+    assert!(err.contains("GPTNeoXForCausalLM") && err.contains("LlamaForCausalLM"), "{err}");
 
     // A tokenizer larger than the embedding.
     let dir = copy_dir("tiny-llama");
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     let small = cfg.replace("\"vocab_size\": 512", "\"vocab_size\": 300");
     std::fs::write(dir.path().join("config.json"), small).unwrap();
-    let tensors = candle_core::safetensors::load(
-        dir.path().join("model.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
     let shrunk: std::collections::HashMap<String, candle_core::Tensor> = tensors
         .into_iter()
         .map(|(k, t)| {
-            let t = if k.contains("embed_tokens") || k.contains("lm_head") {
-                t.narrow(0, 0, 300).unwrap()
-            } else {
-                t
-            };
+            let t = if k.contains("embed_tokens") || k.contains("lm_head") { t.narrow(0, 0, 300).unwrap() } else { t };
             (k, t)
         })
         .collect();
     candle_core::safetensors::save(&shrunk, dir.path().join("model.safetensors")).unwrap();
     let err = load_err(dir.path());
-    assert!(
-        matches!(
-            err,
-            Error::VocabMismatch {
-                expected: 300,
-                got: 512,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::VocabMismatch { expected: 300, got: 512, .. }), "{err:?}");
 
     // A weight file missing a tensor names it.
     let dir = copy_dir("tiny-llama");
-    let tensors = candle_core::safetensors::load(
-        dir.path().join("model.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let fewer: std::collections::HashMap<String, candle_core::Tensor> = tensors
-        .into_iter()
-        .filter(|(k, _)| k != "model.norm.weight")
-        .collect();
+    let tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let fewer: std::collections::HashMap<String, candle_core::Tensor> =
+        tensors.into_iter().filter(|(k, _)| k != "model.norm.weight").collect();
     candle_core::safetensors::save(&fewer, dir.path().join("model.safetensors")).unwrap();
     let err = load_err(dir.path()).to_string();
     assert!(err.contains("model.norm.weight"), "{err}");
@@ -603,63 +426,22 @@ fn bad_inputs_give_clear_errors() {
     // Corrupt JSON / safetensors name the file.
     let dir = copy_dir("tiny-llama");
     std::fs::write(dir.path().join("tokenizer_config.json"), "{").unwrap();
-    assert!(load_err(dir.path())
-        .to_string()
-        .contains("tokenizer_config.json"));
+    assert!(load_err(dir.path()).to_string().contains("tokenizer_config.json"));
     let dir = copy_dir("tiny-llama");
     std::fs::write(dir.path().join("model.safetensors"), b"not safetensors").unwrap();
-    assert!(load_err(dir.path())
-        .to_string()
-        .contains("model.safetensors"));
+    assert!(load_err(dir.path()).to_string().contains("model.safetensors"));
 
     // Prompts that leave no room in the 512-token context; sequences that overflow it.
     let model = load("tiny-llama");
     let long = vec![5u32; 512];
-    let err = model
-        .generate(
-            &[vec![5], long.clone()],
-            &SamplingParams::greedy(4),
-            &[0, 1],
-        )
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::PromptTooLong {
-                index: 1,
-                len: 512,
-                max: 512
-            }
-        ),
-        "{err:?}"
-    );
+    let err = model.generate(&[vec![5], long.clone()], &SamplingParams::greedy(4), &[0, 1]).unwrap_err();
+    assert!(matches!(err, Error::PromptTooLong { index: 1, len: 512, max: 512 }), "{err:?}");
     let err = model.logprobs(&[(long, vec![2])]).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::SequenceTooLong {
-                index: 0,
-                len: 513,
-                max: 512
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::SequenceTooLong { index: 0, len: 513, max: 512 }), "{err:?}");
     // Empty prompts, out-of-vocabulary ids, mismatched seeds.
-    assert!(matches!(
-        model.logprobs(&[(vec![], vec![2])]).unwrap_err(),
-        Error::InvalidInput { .. }
-    ));
-    assert!(matches!(
-        model.logprobs(&[(vec![1], vec![9999])]).unwrap_err(),
-        Error::InvalidInput { .. }
-    ));
-    assert!(matches!(
-        model
-            .generate(&[vec![1]], &SamplingParams::greedy(2), &[])
-            .unwrap_err(),
-        Error::InvalidInput { .. }
-    ));
+    assert!(matches!(model.logprobs(&[(vec![], vec![2])]).unwrap_err(), Error::InvalidInput { .. }));
+    assert!(matches!(model.logprobs(&[(vec![1], vec![9999])]).unwrap_err(), Error::InvalidInput { .. }));
+    assert!(matches!(model.generate(&[vec![1]], &SamplingParams::greedy(2), &[]).unwrap_err(), Error::InvalidInput { .. }));
     // No chat template: asking for one is an error, plain prompts still work.
     let dir = copy_dir("tiny-llama");
     let tc = std::fs::read_to_string(dir.path().join("tokenizer_config.json")).unwrap();
@@ -667,14 +449,8 @@ fn bad_inputs_give_clear_errors() {
     v.as_object_mut().unwrap().remove("chat_template");
     std::fs::write(dir.path().join("tokenizer_config.json"), v.to_string()).unwrap();
     let m = Model::load(dir.path(), &Device::Cpu).unwrap();
-    assert!(matches!(
-        m.encode_prompt("hi", true).unwrap_err(),
-        Error::NoChatTemplate { .. }
-    ));
-    assert_eq!(
-        m.encode_prompt("hi", false).unwrap(),
-        model.encode_prompt("hi", false).unwrap()
-    );
+    assert!(matches!(m.encode_prompt("hi", true).unwrap_err(), Error::NoChatTemplate { .. }));
+    assert_eq!(m.encode_prompt("hi", false).unwrap(), model.encode_prompt("hi", false).unwrap());
 }
 
 /// Generation stops at EOS (not included in the output) and at max context.
@@ -687,22 +463,12 @@ fn generation_finish_reasons() {
     let it = &g["generate"]["items"][4];
     assert_eq!(it["finish_reason"], "stop");
     let prompt = ids(&it["prompt_ids"]);
-    let out = model
-        .generate(
-            std::slice::from_ref(&prompt),
-            &SamplingParams::greedy(16),
-            &[0],
-        )
-        .unwrap()
-        .remove(0);
+    let out = model.generate(std::slice::from_ref(&prompt), &SamplingParams::greedy(16), &[0]).unwrap().remove(0);
     assert_eq!(out.finish_reason.as_str(), "stop");
     assert!(!out.token_ids.iter().any(|t| model.stop_ids().contains(t)));
     // A prompt one token short of the context can add exactly one token.
     let long = vec![5u32; 511];
-    let out = model
-        .generate(&[long], &SamplingParams::greedy(16), &[0])
-        .unwrap()
-        .remove(0);
+    let out = model.generate(&[long], &SamplingParams::greedy(16), &[0]).unwrap().remove(0);
     assert!(out.n_tokens <= 1, "{out:?}");
 }
 
@@ -714,54 +480,26 @@ fn trainable_model_matches_inference_and_saves() {
     for name in ["tiny-qwen3", "tiny-llama"] {
         let infer = load(name);
         let train = Model::load_trainable(&models_dir().join(name), &Device::Cpu).unwrap();
-        let pairs: Vec<_> = rust_pairs(&train, &golden(name), false)
-            .into_iter()
-            .take(6)
-            .collect();
-        assert_eq!(
-            train.logprobs(&pairs).unwrap(),
-            infer.logprobs(&pairs).unwrap()
-        );
+        let pairs: Vec<_> = rust_pairs(&train, &golden(name), false).into_iter().take(6).collect();
+        assert_eq!(train.logprobs(&pairs).unwrap(), infer.logprobs(&pairs).unwrap());
 
-        let seqs: Vec<Vec<u32>> = pairs
-            .iter()
-            .map(|(p, r)| [p.as_slice(), r].concat())
-            .collect();
+        let seqs: Vec<Vec<u32>> = pairs.iter().map(|(p, r)| [p.as_slice(), r].concat()).collect();
         let split: Vec<(usize, usize)> = pairs.iter().map(|(p, r)| (p.len(), r.len())).collect();
-        let batch = prefpipe_models::decoder::PaddedBatch::right_padded(
-            &seqs,
-            0,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
+        let batch = prefpipe_models::decoder::PaddedBatch::right_padded(&seqs, 0, &candle_core::Device::Cpu).unwrap();
         let logps = train.decoder().sequence_logps(&batch, &split).unwrap();
         let grads = logps.sum_all().unwrap().backward().unwrap();
         let vars = train.varmap().unwrap().all_vars();
         assert!(vars.len() >= 20, "{name}: {} vars", vars.len());
         for v in &vars {
             let g = grads.get(v.as_tensor()).expect("every var has a gradient");
-            assert!(
-                g.abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    > 0.0
-            );
+            assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
         }
 
         let out = tempfile::tempdir().unwrap();
         train.save_pretrained(out.path()).unwrap();
         let back = load_path(out.path());
-        assert_eq!(
-            back.logprobs(&pairs).unwrap(),
-            infer.logprobs(&pairs).unwrap()
-        );
-        assert!(
-            infer.save_pretrained(out.path()).is_err(),
-            "inference models have no Vars to save"
-        );
+        assert_eq!(back.logprobs(&pairs).unwrap(), infer.logprobs(&pairs).unwrap());
+        assert!(infer.save_pretrained(out.path()).is_err(), "inference models have no Vars to save");
     }
 }
 
@@ -778,25 +516,16 @@ fn rewards_follow_transformers_when_pad_is_eos() {
     let pad = g["pad_is_eos"]["pad_token_id"].as_u64().unwrap();
     let dir = copy_dir("tiny-llama-rm");
     let cfg_path = dir.path().join("config.json");
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["pad_token_id"] = Value::from(pad);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let model = load_path(dir.path());
     let pairs = rust_pairs(&model, &g, false);
     let batched = model.rewards(&pairs).unwrap();
-    for (i, want) in g["pad_is_eos"]["plain_rewards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-    {
+    for (i, want) in g["pad_is_eos"]["plain_rewards"].as_array().unwrap().iter().enumerate() {
         let alone = model.rewards(std::slice::from_ref(&pairs[i])).unwrap()[0];
         for got in [batched[i], alone] {
-            assert!(
-                rel_err(got, f(want)) <= REL_TOL,
-                "pair {i}: {got} vs transformers {want}"
-            );
+            assert!(rel_err(got, f(want)) <= REL_TOL, "pair {i}: {got} vs transformers {want}");
         }
     }
 }
@@ -822,29 +551,18 @@ fn smollm2_gguf_matches_transformers() {
         let pairs = rust_pairs(&model, &g, chat);
         let got = model.logprobs(&pairs).unwrap();
         for (i, p) in g["pairs"].as_array().unwrap().iter().enumerate() {
-            assert_eq!(
-                pairs[i].0,
-                ids(&p[mode]["prompt_ids"]),
-                "pair {i} {mode} prompt_ids"
-            );
+            assert_eq!(pairs[i].0, ids(&p[mode]["prompt_ids"]), "pair {i} {mode} prompt_ids");
             assert_eq!(pairs[i].1, ids(&p["response_ids"]), "pair {i} response_ids");
             let e = rel_err(got[i], f(&p[mode]["logprob"]));
             worst = worst.max(e);
-            assert!(
-                e <= REL_TOL,
-                "pair {i} {mode}: {} vs transformers {}",
-                got[i],
-                p[mode]["logprob"]
-            );
+            assert!(e <= REL_TOL, "pair {i} {mode}: {} vs transformers {}", got[i], p[mode]["logprob"]);
         }
     }
     eprintln!("smollm2 gguf: max relative log-prob error vs transformers {worst:.2e}");
     let items = g["generate"]["items"].as_array().unwrap();
     let prompts: Vec<Vec<u32>> = items.iter().map(|it| ids(&it["prompt_ids"])).collect();
     let params = SamplingParams::greedy(g["generate"]["max_new_tokens"].as_u64().unwrap() as usize);
-    let out = model
-        .generate(&prompts, &params, &vec![0; prompts.len()])
-        .unwrap();
+    let out = model.generate(&prompts, &params, &vec![0; prompts.len()]).unwrap();
     for (o, it) in out.iter().zip(items) {
         assert_eq!(o.token_ids, ids(&it["token_ids"]));
         assert_eq!(o.text, it["text"].as_str().unwrap());
