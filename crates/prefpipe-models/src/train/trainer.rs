@@ -310,9 +310,6 @@ impl Trainer {
                     format!("{} responses, {} rewards, {} log-probs", e.responses.len(), e.rewards.len(), r.len()),
                 ));
             }
-            if loss::normalised_labels(&e.rewards).is_none() {
-                return Err(invalid_input(format!("rewards of example {i}"), "not all equal", format!("{:?}", e.rewards)));
-            }
             if opts.method == Method::Dpo && e.responses.len() != 2 {
                 return Err(invalid_input(format!("example {i}"), "a pair for DPO", format!("{} responses", e.responses.len())));
             }
@@ -483,14 +480,23 @@ impl Trainer {
         let t = self.step + 1;
         let batches = self.batches(t);
         let decoder = self.decoder()?;
-        let n: usize = batches.iter().map(Vec::len).sum();
+        // Examples that carry a preference (LiPO skips lists whose rewards are all equal).
+        let counted = |idx: &[usize]| match self.opts.method {
+            Method::Dpo => idx.len(),
+            Method::Lipo => idx.iter().filter(|&&i| loss::normalised_labels(&self.examples[i].rewards).is_some()).count(),
+        };
+        let n: usize = batches.iter().map(|b| counted(b)).sum();
         let mut grads = self.opt.zero_grads();
         let mut loss = 0.0;
         let mut stats = Stats::default();
         for idx in &batches {
+            let k = counted(idx);
+            if k == 0 {
+                continue;
+            }
             let (logps, out) = self.forward(&decoder, idx)?;
             // Weight by size so the step's loss is the mean over all its examples.
-            let w = idx.len() as f64 / n as f64;
+            let w = k as f64 / n as f64;
             loss += w * out.loss;
             stats.add(&out.stats);
             let coef: Vec<f32> = out.grad.iter().map(|g| (g * w) as f32).collect();
@@ -505,7 +511,10 @@ impl Trainer {
             clip_grad_norm(&mut grads, max);
         }
         let lr = self.schedule.lr(t);
-        self.opt.step(&grads, lr)?;
+        // A step with no preference at all (only all-equal lists) moves nothing.
+        if n > 0 {
+            self.opt.step(&grads, lr)?;
+        }
         self.step = t;
         let row = MetricsRow {
             step: t,
