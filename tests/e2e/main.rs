@@ -5,3 +5,4 @@ mod cli;
 mod models;
 mod common;
 mod resume;
+mod score;

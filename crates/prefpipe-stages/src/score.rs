@@ -174,31 +174,13 @@ impl Score {
         }
         // Names: valid, unique across reward models and rules.
         let mut seen: BTreeMap<&str, ()> = BTreeMap::new();
-        let names = c
-            .reward_models
-            .iter()
-            .map(|m| m.name.as_str())
-            .enumerate()
-            .map(|(i, n)| (n, at_rm as fn(usize, &str, String) -> ConfigError, i));
-        let names = names.chain(
-            c.rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.name(), at_rule as fn(usize, &str, String) -> ConfigError, i)),
-        );
+        let names = c.reward_models.iter().map(|m| m.name.as_str()).enumerate().map(|(i, n)| (n, at_rm as fn(usize, &str, String) -> ConfigError, i));
+        let names = names.chain(c.rules.iter().enumerate().map(|(i, r)| (r.name(), at_rule as fn(usize, &str, String) -> ConfigError, i)));
         for (name, at, i) in names {
             if !valid_name(name) {
-                errs.push(at(
-                    i,
-                    "name",
-                    format!("`name` becomes the column `reward_{name}`: use letters, digits and `_` only"),
-                ));
+                errs.push(at(i, "name", format!("`name` becomes the column `reward_{name}`: use letters, digits and `_` only")));
             } else if seen.insert(name, ()).is_some() {
-                errs.push(at(
-                    i,
-                    "name",
-                    format!("two entries are named `{name}`; each needs its own `reward_{name}` column"),
-                ));
+                errs.push(at(i, "name", format!("two entries are named `{name}`; each needs its own `reward_{name}` column")));
             }
         }
         // Weights.
@@ -218,27 +200,20 @@ impl Score {
                         e.message = "`aggregate: weighted` needs a `weight` on every reward model and rule; this one has none".into();
                         errs.push(e);
                     }
-                    Some(w) if !(w.is_finite() && *w >= 0.0) => errs.push(ConfigError {
-                        message: format!("`weight` must be a finite number ≥ 0; got {w}"),
-                        ..at.clone()
-                    }),
+                    Some(w) if !(w.is_finite() && *w >= 0.0) => {
+                        errs.push(ConfigError { message: format!("`weight` must be a finite number ≥ 0; got {w}"), ..at.clone() })
+                    }
                     _ => {}
                 }
             }
             if weights.iter().all(|(w, _)| w.is_some_and(|w| w == 0.0)) && !weights.is_empty() {
-                errs.push(ConfigError::at(
-                    "aggregate",
-                    "every `weight` is 0: `aggregate: weighted` needs at least one positive weight",
-                ));
+                errs.push(ConfigError::at("aggregate", "every `weight` is 0: `aggregate: weighted` needs at least one positive weight"));
             }
         } else {
             for (w, at) in &weights {
                 if w.is_some() {
                     errs.push(ConfigError {
-                        message: format!(
-                            "`weight` is only used by `aggregate: weighted` (this stage aggregates with `{}`)",
-                            aggregate_name(c.aggregate)
-                        ),
+                        message: format!("`weight` is only used by `aggregate: weighted` (this stage aggregates with `{}`)", aggregate_name(c.aggregate)),
                         ..at.clone()
                     });
                 }
@@ -287,15 +262,23 @@ impl Score {
     /// The added columns, in order: `reward`, then per reward model
     /// `reward_<name>` and its label columns, then per rule `reward_<name>`.
     fn added(&self, heads: &[Head]) -> Vec<Field> {
-        let mut names = vec![col::REWARD.to_string()];
-        for (m, h) in self.c.reward_models.iter().zip(heads) {
-            names.push(format!("reward_{}", m.name));
+        self.added_names(heads).into_iter().map(|(n, _)| Field::new(n, DataType::Float64, true)).collect()
+    }
+
+    /// [`Score::added`]'s names, each with the config path of the entry that adds it.
+    fn added_names(&self, heads: &[Head]) -> Vec<(String, Vec<PathSeg>)> {
+        let mut names = vec![(col::REWARD.to_string(), vec![])];
+        for (i, (m, h)) in self.c.reward_models.iter().zip(heads).enumerate() {
+            let at = at_rm(i, "name", String::new()).path;
+            names.push((format!("reward_{}", m.name), at.clone()));
             if h.labels.len() > 1 {
-                names.extend(h.labels.iter().map(|l| format!("reward_{}_{l}", m.name)));
+                names.extend(h.labels.iter().map(|l| (format!("reward_{}_{l}", m.name), at.clone())));
             }
         }
-        names.extend(self.c.rules.iter().map(|r| format!("reward_{}", r.name())));
-        names.into_iter().map(|n| Field::new(n, DataType::Float64, true)).collect()
+        for (i, r) in self.c.rules.iter().enumerate() {
+            names.push((format!("reward_{}", r.name()), at_rule(i, "name", String::new()).path));
+        }
+        names
     }
 
     /// Whether the length rules read `n_tokens` from this input.
@@ -335,11 +318,7 @@ impl Score {
                 Rule::Contains(r) => Some(str_col(batch, &r.column)?),
                 Rule::Length(_) => None,
             };
-            let n_tokens = if self.uses_n_tokens(cfg, &schema) {
-                Some(u32_col(batch, col::N_TOKENS)?)
-            } else {
-                None
-            };
+            let n_tokens = if self.uses_n_tokens(cfg, &schema) { Some(u32_col(batch, col::N_TOKENS)?) } else { None };
             let values = (0..n)
                 .map(|r| {
                     let row = RowText {
@@ -360,11 +339,7 @@ impl Score {
                 drops.insert(reason.to_string(), k);
             }
         }
-        Ok(Raw {
-            cols: cols.into_iter().map(Float64Array::from).collect(),
-            entry_at,
-            drops,
-        })
+        Ok(Raw { cols: cols.into_iter().map(Float64Array::from).collect(), entry_at, drops })
     }
 
     /// `reward_<name>` and the label columns of reward model `i` over `batch`.
@@ -438,23 +413,16 @@ impl Score {
 
     /// The heads of every reward model, from their config.json files.
     fn heads_at_run(&self, cx: &RunCx) -> Result<Vec<Head>> {
-        (0..self.models.len())
-            .map(|i| resolve_head(&self.models[i].dir(cx), &self.c.reward_models[i]).map_err(|(_, m)| Error::Input(m)))
-            .collect()
+        (0..self.models.len()).map(|i| resolve_head(&self.models[i].dir(cx), &self.c.reward_models[i]).map_err(|(_, m)| Error::Input(m))).collect()
     }
 
     /// `reward` per row from the entries' raw columns; `stats` = (μ, σ, constant) per entry for z-scores.
     fn aggregate(&self, raw: &Raw, stats: Option<&[ColumnStats]>) -> Float64Array {
         let n = raw.cols.first().map_or(0, |c| c.len());
         let weights: Vec<f64> = match self.c.aggregate {
-            Aggregate::Weighted => self
-                .c
-                .reward_models
-                .iter()
-                .map(|m| m.weight)
-                .chain(self.c.rules.iter().map(Rule::weight))
-                .map(|w| w.unwrap_or(0.0))
-                .collect(),
+            Aggregate::Weighted => {
+                self.c.reward_models.iter().map(|m| m.weight).chain(self.c.rules.iter().map(Rule::weight)).map(|w| w.unwrap_or(0.0)).collect()
+            }
             _ => vec![1.0; raw.entry_at.len()],
         };
         let wsum: f64 = weights.iter().sum();
@@ -499,16 +467,8 @@ impl Score {
             let drops: BTreeMap<String, u64> = serde_json::from_slice(&std::fs::read(&drops_file).map_err(|e| Error::io(&drops_file, e))?)
                 .map_err(|e| Error::Runtime(format!("{}: {e}", drops_file.display())))?;
             if all.num_rows() == batch.num_rows() {
-                let cols = all
-                    .columns()
-                    .iter()
-                    .map(|a| a.as_any().downcast_ref::<Float64Array>().expect("float64 cache").clone())
-                    .collect();
-                return Ok(Raw {
-                    cols,
-                    entry_at: self.entry_positions(heads),
-                    drops,
-                });
+                let cols = all.columns().iter().map(|a| a.as_any().downcast_ref::<Float64Array>().expect("float64 cache").clone()).collect();
+                return Ok(Raw { cols, entry_at: self.entry_positions(heads), drops });
             }
         }
         let raw = self.raw(cx, batch, heads)?;
@@ -576,19 +536,11 @@ impl ColumnStats {
         let n = vals().count();
         let (lo, hi) = vals().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(x), hi.max(x)));
         if n == 0 || lo == hi {
-            return ColumnStats {
-                mean: if n == 0 { 0.0 } else { lo },
-                std: 0.0,
-                constant: true,
-            };
+            return ColumnStats { mean: if n == 0 { 0.0 } else { lo }, std: 0.0, constant: true };
         }
         let mean = vals().sum::<f64>() / n as f64;
         let var = vals().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64;
-        ColumnStats {
-            mean,
-            std: var.sqrt(),
-            constant: false,
-        }
+        ColumnStats { mean, std: var.sqrt(), constant: false }
     }
 
     fn z(&self, x: f64) -> f64 {
@@ -617,10 +569,7 @@ fn resolve_head(dir: &Path, m: &RewardModel) -> std::result::Result<Head, (&'sta
             ),
         ));
     };
-    let raw: Value = std::fs::read(&cfg_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
+    let raw: Value = std::fs::read(&cfg_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
     let declared = raw.get("num_labels").is_some() || raw.get("id2label").is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()));
     match tensor_shape(dir, "score.weight").map_err(|e| ("model", e))? {
         None => {
@@ -649,34 +598,18 @@ fn resolve_head(dir: &Path, m: &RewardModel) -> std::result::Result<Head, (&'sta
         for (k, v) in map {
             match (k.parse::<usize>(), v.as_str()) {
                 (Ok(l), Some(name)) if l < num_labels => names[l] = name.to_string(),
-                _ => {
-                    return Err((
-                        "model",
-                        format!(
-                            "{}: config.json `id2label` entry {k:?}: {v} does not name one of the {num_labels} labels",
-                            dir.display()
-                        ),
-                    ))
-                }
+                _ => return Err(("model", format!("{}: config.json `id2label` entry {k:?}: {v} does not name one of the {num_labels} labels", dir.display()))),
             }
         }
     }
     let labels: Vec<String> = names.iter().map(|n| column_safe(n)).collect();
     for (a, la) in labels.iter().enumerate() {
         if labels[..a].contains(la) && num_labels > 1 {
-            return Err((
-                "model",
-                format!("{}: two labels become the column suffix `{la}`; rename them in `id2label`", dir.display()),
-            ));
+            return Err(("model", format!("{}: two labels become the column suffix `{la}`; rename them in `id2label`", dir.display())));
         }
     }
     let listed = || names.iter().enumerate().map(|(i, n)| format!("{i}: {n}")).collect::<Vec<_>>().join(", ");
-    let find = |key: &str| -> Option<usize> {
-        names
-            .iter()
-            .position(|n| n == key)
-            .or_else(|| key.parse::<usize>().ok().filter(|&i| i < num_labels))
-    };
+    let find = |key: &str| -> Option<usize> { names.iter().position(|n| n == key).or_else(|| key.parse::<usize>().ok().filter(|&i| i < num_labels)) };
     let mut mix = vec![0.0; num_labels];
     match (&m.label, &m.labels) {
         (Some(l), _) => {
@@ -765,10 +698,7 @@ impl Stage for Score {
         if !self.models.is_empty() {
             for c in [col::PROMPT, col::RESPONSE] {
                 if let Err(e) = table::require(s, input, c, Need::Text) {
-                    errs.push(ConfigError {
-                        path: vec![PathSeg::Key("reward_models".into())],
-                        ..e
-                    });
+                    errs.push(ConfigError { path: vec![PathSeg::Key("reward_models".into())], ..e });
                 }
             }
         }
@@ -790,29 +720,29 @@ impl Stage for Score {
         for i in 0..self.models.len() {
             match self.check_model(cx, i) {
                 Ok((h, _)) => heads.push(h),
-                Err(e) => errs.push(e),
+                Err(e) => {
+                    errs.push(e);
+                    // Keep checking the other columns as if this head had one label.
+                    heads.push(Head { labels: vec!["0".into()], mix: vec![1.0] });
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (name, at) in self.added_names(&heads) {
+            if s.field_with_name(&name).is_ok() {
+                let how = if name == col::REWARD { "drop or rename it first, e.g. with an `sql` stage" } else { "rename the entry, or drop the column first" };
+                errs.push(ConfigError { path: at, message: format!("input `{input}` already has a `{name}` column, which `score` writes; {how}") });
+            } else if !seen.insert(name.clone()) {
+                errs.push(ConfigError {
+                    path: at,
+                    message: format!("two outputs are named `{name}` (an entry's name collides with a reward model's label column); rename one"),
+                });
             }
         }
         if !errs.is_empty() {
             return Err(errs);
         }
         let added = self.added(&heads);
-        let mut seen = std::collections::HashSet::new();
-        for f in &added {
-            let name = f.name();
-            if s.field_with_name(name).is_ok() {
-                errs.push(ConfigError::new(format!(
-                    "input `{input}` already has a `{name}` column; `score` adds it (drop or rename it first, e.g. with an `sql` stage, or rename the entry)"
-                )));
-            } else if !seen.insert(name.clone()) {
-                errs.push(ConfigError::new(format!(
-                    "two outputs are named `{name}` (an entry's name collides with a reward model's label column); rename one"
-                )));
-            }
-        }
-        if !errs.is_empty() {
-            return Err(errs);
-        }
         Ok(table::with_fields(s, added))
     }
 
@@ -853,11 +783,7 @@ impl Stage for Score {
         let raw_schema = Arc::new(Schema::new(added[1..].to_vec()));
         let mut parts = Vec::new();
         for (c, f) in t.files.iter().enumerate() {
-            let part = Table {
-                id: t.id.clone(),
-                schema: t.schema.clone(),
-                files: vec![f.clone()],
-            };
+            let part = Table { id: t.id.clone(), schema: t.schema.clone(), files: vec![f.clone()] };
             let batch = part.read_one()?;
             let raw = self.cached_raw(cx, c, &batch, &heads, &raw_schema)?;
             merge(&mut out, &raw);
@@ -883,11 +809,7 @@ mod tests {
 
     fn raw(cols: Vec<Vec<Option<f64>>>) -> Raw {
         let entry_at = (0..cols.len()).collect();
-        Raw {
-            cols: cols.into_iter().map(Float64Array::from).collect(),
-            entry_at,
-            drops: BTreeMap::new(),
-        }
+        Raw { cols: cols.into_iter().map(Float64Array::from).collect(), entry_at, drops: BTreeMap::new() }
     }
 
     fn rules3(aggregate: &str, weights: Option<[f64; 3]>) -> Value {
@@ -913,11 +835,7 @@ mod tests {
     #[test]
     fn mean_aggregate() {
         let s = stage(rules3("mean", None));
-        let r = raw(vec![
-            vec![Some(1.0), Some(-2.0), None],
-            vec![Some(2.0), Some(0.5), Some(1.0)],
-            vec![Some(6.0), Some(0.0), Some(1.0)],
-        ]);
+        let r = raw(vec![vec![Some(1.0), Some(-2.0), None], vec![Some(2.0), Some(0.5), Some(1.0)], vec![Some(6.0), Some(0.0), Some(1.0)]]);
         let agg = s.aggregate(&r, None);
         // (1 + 2 + 6) / 3 = 3.
         close(agg.iter().next().unwrap(), 3.0);
@@ -968,14 +886,7 @@ mod tests {
 
     #[test]
     fn weights_are_checked() {
-        let errs = |v: Value| {
-            Score::build(&v)
-                .err()
-                .expect("errors")
-                .into_iter()
-                .map(|e| (e.path, e.message))
-                .collect::<Vec<_>>()
-        };
+        let errs = |v: Value| Score::build(&v).err().expect("errors").into_iter().map(|e| (e.path, e.message)).collect::<Vec<_>>();
         // weighted without a weight on entry b.
         let mut v = rules3("weighted", Some([1.0, 1.0, 1.0]));
         v["rules"][1].as_object_mut().unwrap().remove("weight");
@@ -984,10 +895,7 @@ mod tests {
         assert_eq!(e[0].0, vec![PathSeg::Key("rules".into()), PathSeg::Index(1)]);
         // Negative and all-zero weights.
         let e = errs(rules3("weighted", Some([0.0, -1.0, 0.0])));
-        assert!(
-            e.iter().any(|(p, m)| p.last() == Some(&PathSeg::Key("weight".into())) && m.contains("≥ 0")),
-            "{e:?}"
-        );
+        assert!(e.iter().any(|(p, m)| p.last() == Some(&PathSeg::Key("weight".into())) && m.contains("≥ 0")), "{e:?}");
         let e = errs(rules3("weighted", Some([0.0, 0.0, 0.0])));
         assert!(e.iter().any(|(p, _)| p == &vec![PathSeg::Key("aggregate".into())]), "{e:?}");
         // A weight with `mean` is a mistake.
