@@ -568,3 +568,31 @@ fn smollm2_gguf_matches_transformers() {
         assert_eq!(o.text, it["text"].as_str().unwrap());
     }
 }
+
+/// Samples do not depend on the number of threads: this test re-runs itself
+/// with RAYON_NUM_THREADS=1 and =3 (candle's CPU kernels and rayon both read it)
+/// and compares the sampled tokens with its own.
+#[test]
+fn sampling_is_independent_of_thread_count() {
+    let model = load("tiny-llama");
+    let prompts: Vec<Vec<u32>> =
+        ["Why is the sky blue?", "1 2 3", "Почему небо голубое?"].iter().map(|p| model.encode_prompt(p, true).unwrap()).collect();
+    let params = SamplingParams { temperature: 0.9, top_p: 0.9, max_new_tokens: 24, ..Default::default() };
+    let out = model.generate(&prompts, &params, &[7, 8, 9]).unwrap();
+    let line = format!("GEN:{:?}", out.iter().map(|g| &g.token_ids).collect::<Vec<_>>());
+    if std::env::var_os("PREFPIPE_DUMP_GEN").is_some() {
+        println!("{line}");
+        return;
+    }
+    for threads in ["1", "3"] {
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["sampling_is_independent_of_thread_count", "--exact", "--nocapture", "--test-threads=1"])
+            .env("PREFPIPE_DUMP_GEN", "1")
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&child.stdout);
+        let got = stdout.lines().find_map(|l| l.find("GEN:").map(|i| &l[i..])).unwrap_or_else(|| panic!("no output: {stdout}"));
+        assert_eq!(got, line, "RAYON_NUM_THREADS={threads}");
+    }
+}
