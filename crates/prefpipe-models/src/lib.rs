@@ -1,16 +1,30 @@
 //! prefpipe-models: Hugging Face model directories, tokenizers, chat templates
-//! and decoder-only LMs on candle (DESIGN §2 "Models", §4, §7 `ches`).
+//! and decoder-only LMs on candle (DESIGN §2 "Models", §4, §7 `ches`, §8).
 //!
-//! A model directory holds `config.json` (transformers 4.x or 5.x),
-//! `model.safetensors` or sharded `model-*.safetensors` +
-//! `model.safetensors.index.json`, `tokenizer.json`, and optionally
-//! `tokenizer_config.json` (special tokens, `chat_template`),
+//! **Loading** ([`Model::load`]). A model directory holds `config.json`
+//! (transformers 4.x `rope_theta`/`rope_scaling`/`torch_dtype` or 5.x
+//! `rope_parameters`/`dtype`), `model.safetensors` or sharded
+//! `model-*.safetensors` + `model.safetensors.index.json`, `tokenizer.json`, and
+//! optionally `tokenizer_config.json` (special tokens, `chat_template`),
 //! `chat_template.jinja` and `generation_config.json`. Pickle checkpoints are
-//! refused. Families: Llama (incl. Llama-3 RoPE scaling), Mistral, Qwen2,
-//! Qwen3, each as `*ForCausalLM` or `*ForSequenceClassification` (reward).
+//! refused with a hint to convert. A `.gguf` file (llama.cpp: `llama`, `qwen2`,
+//! `qwen3` architectures, byte-level BPE tokenizers) loads for inference with
+//! its weights dequantized to f32. Families: Llama (incl. Llama-3 RoPE
+//! scaling), Mistral (sliding window), Qwen2, Qwen3, each as `*ForCausalLM`
+//! or `*ForSequenceClassification` (reward, `score` head).
 //!
-//! Everything runs in f32 through one differentiable decoder
-//! ([`decoder::Decoder`]) that serves inference and training alike.
+//! **Computing.** One differentiable decoder ([`decoder::Decoder`], f32) serves
+//! inference (`VarBuilder` over safetensors) and training
+//! ([`Model::load_trainable`], a `VarMap`). Teacher-forced batches are
+//! right-padded, generation left-pads prompts; per-token positions and masks
+//! make batched results equal unbatched ones. Each generated sequence draws
+//! from its own ChaCha20 stream seeded by its own `u64`, so samples do not
+//! depend on batch composition, batch size or thread count.
+//!
+//! **Checked against transformers.** `tests/reference/models_golden.py` computes
+//! token ids, log-probs, hidden-state sums, CHES, greedy generations and
+//! rewards with transformers for the tiny models in `data-samples/models/`
+//! ([`write_fixture`]); `tests/golden.rs` matches them within 1e-4 relative.
 
 pub mod ches;
 pub mod config;
