@@ -65,11 +65,19 @@ stages:
         // Sorted by position: the `model:` of entry 0 (line 11, col 16), the `label:` of entry 1 (line 14),
         // the rule's `column:` (line 18), the bad pattern (line 25).
         assert!(lines[0].starts_with("error: pipeline.yaml:11:16: stage `scored`: ") && lines[0].contains("no `score.weight`"), "{err}");
-        assert!(lines[1].starts_with("error: pipeline.yaml:14:16: stage `scored`: ") && lines[1].contains("no label `harmlessness`"), "{err}");
-        assert!(lines[2].starts_with("error: pipeline.yaml:18:17: stage `scored`: ") && lines[2].contains("no column `gold_answer`"), "{err}");
+        assert!(
+            lines[1].starts_with("error: pipeline.yaml:14:16: stage `scored`: ") && lines[1].contains("no label `harmlessness`"),
+            "{err}"
+        );
+        assert!(
+            lines[2].starts_with("error: pipeline.yaml:18:17: stage `scored`: ") && lines[2].contains("no column `gold_answer`"),
+            "{err}"
+        );
         assert!(lines[3].starts_with("error: pipeline.yaml:25:18: stage `bad_regex`: not a valid regular expression"), "{err}");
     }
-    assert!(!dir.path().join(".prefpipe/stages").exists() || std::fs::read_dir(dir.path().join(".prefpipe/stages")).unwrap().next().is_none());
+    assert!(
+        !dir.path().join(".prefpipe/stages").exists() || std::fs::read_dir(dir.path().join(".prefpipe/stages")).unwrap().next().is_none()
+    );
 }
 
 /// The quickstart's `reward` is its weighted aggregate, every pair is oriented
@@ -87,7 +95,10 @@ fn quickstart_scores_and_pairs() {
     let out = ok(prefpipe(&root(), &["query", sql, "--pipeline", p, "--store", s, "--format", "csv"]));
     // 24 prompts × n = 4.
     assert_eq!(out, "n,exact,nulls\n96,true,0\n");
-    let out = ok(prefpipe(&root(), &["query", "SELECT count(*) AS n, min(margin) > 0 AS oriented FROM pairs", "--pipeline", p, "--store", s, "--format", "csv"]));
+    let out = ok(prefpipe(
+        &root(),
+        &["query", "SELECT count(*) AS n, min(margin) > 0 AS oriented FROM pairs", "--pipeline", p, "--store", s, "--format", "csv"],
+    ));
     assert!(out.ends_with(",true\n") && !out.contains("\n0,"), "{out}");
     let run: serde_json::Value = serde_json::from_slice(&std::fs::read(store.path().join("run.json")).unwrap()).unwrap();
     let scored = run["stages"].as_array().unwrap().iter().find(|st| st["id"] == "scored").unwrap();

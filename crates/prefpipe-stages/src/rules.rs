@@ -237,10 +237,7 @@ impl Rule {
             }
             Rule::Length(r) => {
                 if !(r.per_token.is_finite() && r.per_token >= 0.0) {
-                    errs.push(at(
-                        "per_token",
-                        format!("`per_token` is a penalty per token, a finite number ≥ 0; got {}", r.per_token),
-                    ));
+                    errs.push(at("per_token", format!("`per_token` is a penalty per token, a finite number ≥ 0; got {}", r.per_token)));
                 }
                 Some(Compiled::Length(r.clone()))
             }
@@ -253,11 +250,7 @@ impl Rule {
                 if r.substrings.iter().any(String::is_empty) {
                     errs.push(at("substrings", "an empty substring is in every text; remove it".into()));
                 }
-                let subs = if r.case_insensitive {
-                    r.substrings.iter().map(|s| s.to_lowercase()).collect()
-                } else {
-                    r.substrings.clone()
-                };
+                let subs = if r.case_insensitive { r.substrings.iter().map(|s| s.to_lowercase()).collect() } else { r.substrings.clone() };
                 Some(Compiled::Contains(subs, r.case_insensitive, r.value, r.otherwise))
             }
         };
@@ -468,11 +461,7 @@ mod tests {
     }
 
     fn row<'a>(response: &'a str, column: Option<&'a str>) -> RowText<'a> {
-        RowText {
-            response,
-            column,
-            n_tokens: None,
-        }
+        RowText { response, column, n_tokens: None }
     }
 
     /// Each case: text → the canonical last number, by the grammar in the module docs.
@@ -520,7 +509,9 @@ mod tests {
 
     #[test]
     fn exact_match_values() {
-        let r = rule(serde_json::json!({"kind": "exact_match", "name": "em", "normalize": "last_number", "match": 2.0, "mismatch": -1.0, "no_reference": 0.5}));
+        let r = rule(
+            serde_json::json!({"kind": "exact_match", "name": "em", "normalize": "last_number", "match": 2.0, "mismatch": -1.0, "no_reference": 0.5}),
+        );
         // "… is $1,234.50" → 1234.5 = reference "1234.5" → match = 2.0.
         assert_eq!(r.eval(&row("The total is $1,234.50.", Some("1234.5"))), 2.0);
         // 1234.51 ≠ 1234.5 → mismatch = −1.0.
@@ -545,12 +536,16 @@ mod tests {
 
     #[test]
     fn regex_contains_and_length() {
-        let re = rule(serde_json::json!({"kind": "regex", "name": "r", "pattern": "(?i)^i (can't|cannot) help", "value": 0.5, "otherwise": -0.25}));
+        let re = rule(
+            serde_json::json!({"kind": "regex", "name": "r", "pattern": "(?i)^i (can't|cannot) help", "value": 0.5, "otherwise": -0.25}),
+        );
         assert_eq!(re.eval(&row("", Some("I can't help with that."))), 0.5);
         assert_eq!(re.eval(&row("", Some("Sure: first, ..."))), -0.25);
         assert_eq!(re.eval(&row("", None)), -0.25);
 
-        let c = rule(serde_json::json!({"kind": "contains", "name": "c", "substrings": ["sorry", "cannot"], "case_insensitive": true, "value": 3.0}));
+        let c = rule(
+            serde_json::json!({"kind": "contains", "name": "c", "substrings": ["sorry", "cannot"], "case_insensitive": true, "value": 3.0}),
+        );
         assert_eq!(c.eval(&row("", Some("I CANNOT do that"))), 3.0);
         assert_eq!(c.eval(&row("", Some("Here you go"))), 0.0);
         let cs = rule(serde_json::json!({"kind": "contains", "name": "c", "substrings": ["Sorry"]}));
@@ -563,11 +558,7 @@ mod tests {
         // 3 words ≤ 5 → 0.
         assert_eq!(len.eval(&row("a b  c", None)), 0.0);
         // With n_tokens = 12: −0.1 · (12 − 5) = −0.7, whatever the words.
-        let r = RowText {
-            response: eight,
-            column: None,
-            n_tokens: Some(12),
-        };
+        let r = RowText { response: eight, column: None, n_tokens: Some(12) };
         assert!((len.eval(&r) - -0.7).abs() < 1e-12);
     }
 
@@ -582,6 +573,9 @@ mod tests {
         let r: Rule = serde_json::from_value(serde_json::json!({"kind": "contains", "name": "c", "substrings": []})).unwrap();
         assert!(r.compile(&|f, m| at_rule(0, f, m)).is_err());
         // Unknown fields are refused inside a rule too.
-        assert!(serde_json::from_value::<Rule>(serde_json::json!({"kind": "length", "name": "l", "target": 1, "per_token": 1.0, "typo": 1})).is_err());
+        assert!(serde_json::from_value::<Rule>(
+            serde_json::json!({"kind": "length", "name": "l", "target": 1, "per_token": 1.0, "typo": 1})
+        )
+        .is_err());
     }
 }

@@ -174,7 +174,12 @@ impl Score {
         }
         // Names: valid, unique across reward models and rules.
         let mut seen: BTreeMap<&str, ()> = BTreeMap::new();
-        let names = c.reward_models.iter().map(|m| m.name.as_str()).enumerate().map(|(i, n)| (n, at_rm as fn(usize, &str, String) -> ConfigError, i));
+        let names = c
+            .reward_models
+            .iter()
+            .map(|m| m.name.as_str())
+            .enumerate()
+            .map(|(i, n)| (n, at_rm as fn(usize, &str, String) -> ConfigError, i));
         let names = names.chain(c.rules.iter().enumerate().map(|(i, r)| (r.name(), at_rule as fn(usize, &str, String) -> ConfigError, i)));
         for (name, at, i) in names {
             if !valid_name(name) {
@@ -213,7 +218,10 @@ impl Score {
             for (w, at) in &weights {
                 if w.is_some() {
                     errs.push(ConfigError {
-                        message: format!("`weight` is only used by `aggregate: weighted` (this stage aggregates with `{}`)", aggregate_name(c.aggregate)),
+                        message: format!(
+                            "`weight` is only used by `aggregate: weighted` (this stage aggregates with `{}`)",
+                            aggregate_name(c.aggregate)
+                        ),
                         ..at.clone()
                     });
                 }
@@ -413,16 +421,23 @@ impl Score {
 
     /// The heads of every reward model, from their config.json files.
     fn heads_at_run(&self, cx: &RunCx) -> Result<Vec<Head>> {
-        (0..self.models.len()).map(|i| resolve_head(&self.models[i].dir(cx), &self.c.reward_models[i]).map_err(|(_, m)| Error::Input(m))).collect()
+        (0..self.models.len())
+            .map(|i| resolve_head(&self.models[i].dir(cx), &self.c.reward_models[i]).map_err(|(_, m)| Error::Input(m)))
+            .collect()
     }
 
     /// `reward` per row from the entries' raw columns; `stats` = (μ, σ, constant) per entry for z-scores.
     fn aggregate(&self, raw: &Raw, stats: Option<&[ColumnStats]>) -> Float64Array {
         let n = raw.cols.first().map_or(0, |c| c.len());
         let weights: Vec<f64> = match self.c.aggregate {
-            Aggregate::Weighted => {
-                self.c.reward_models.iter().map(|m| m.weight).chain(self.c.rules.iter().map(Rule::weight)).map(|w| w.unwrap_or(0.0)).collect()
-            }
+            Aggregate::Weighted => self
+                .c
+                .reward_models
+                .iter()
+                .map(|m| m.weight)
+                .chain(self.c.rules.iter().map(Rule::weight))
+                .map(|w| w.unwrap_or(0.0))
+                .collect(),
             _ => vec![1.0; raw.entry_at.len()],
         };
         let wsum: f64 = weights.iter().sum();
@@ -467,7 +482,8 @@ impl Score {
             let drops: BTreeMap<String, u64> = serde_json::from_slice(&std::fs::read(&drops_file).map_err(|e| Error::io(&drops_file, e))?)
                 .map_err(|e| Error::Runtime(format!("{}: {e}", drops_file.display())))?;
             if all.num_rows() == batch.num_rows() {
-                let cols = all.columns().iter().map(|a| a.as_any().downcast_ref::<Float64Array>().expect("float64 cache").clone()).collect();
+                let cols =
+                    all.columns().iter().map(|a| a.as_any().downcast_ref::<Float64Array>().expect("float64 cache").clone()).collect();
                 return Ok(Raw { cols, entry_at: self.entry_positions(heads), drops });
             }
         }
@@ -598,7 +614,12 @@ fn resolve_head(dir: &Path, m: &RewardModel) -> std::result::Result<Head, (&'sta
         for (k, v) in map {
             match (k.parse::<usize>(), v.as_str()) {
                 (Ok(l), Some(name)) if l < num_labels => names[l] = name.to_string(),
-                _ => return Err(("model", format!("{}: config.json `id2label` entry {k:?}: {v} does not name one of the {num_labels} labels", dir.display()))),
+                _ => {
+                    return Err((
+                        "model",
+                        format!("{}: config.json `id2label` entry {k:?}: {v} does not name one of the {num_labels} labels", dir.display()),
+                    ))
+                }
             }
         }
     }
@@ -609,7 +630,9 @@ fn resolve_head(dir: &Path, m: &RewardModel) -> std::result::Result<Head, (&'sta
         }
     }
     let listed = || names.iter().enumerate().map(|(i, n)| format!("{i}: {n}")).collect::<Vec<_>>().join(", ");
-    let find = |key: &str| -> Option<usize> { names.iter().position(|n| n == key).or_else(|| key.parse::<usize>().ok().filter(|&i| i < num_labels)) };
+    let find = |key: &str| -> Option<usize> {
+        names.iter().position(|n| n == key).or_else(|| key.parse::<usize>().ok().filter(|&i| i < num_labels))
+    };
     let mut mix = vec![0.0; num_labels];
     match (&m.label, &m.labels) {
         (Some(l), _) => {
@@ -730,12 +753,21 @@ impl Stage for Score {
         let mut seen = std::collections::HashSet::new();
         for (name, at) in self.added_names(&heads) {
             if s.field_with_name(&name).is_ok() {
-                let how = if name == col::REWARD { "drop or rename it first, e.g. with an `sql` stage" } else { "rename the entry, or drop the column first" };
-                errs.push(ConfigError { path: at, message: format!("input `{input}` already has a `{name}` column, which `score` writes; {how}") });
+                let how = if name == col::REWARD {
+                    "drop or rename it first, e.g. with an `sql` stage"
+                } else {
+                    "rename the entry, or drop the column first"
+                };
+                errs.push(ConfigError {
+                    path: at,
+                    message: format!("input `{input}` already has a `{name}` column, which `score` writes; {how}"),
+                });
             } else if !seen.insert(name.clone()) {
                 errs.push(ConfigError {
                     path: at,
-                    message: format!("two outputs are named `{name}` (an entry's name collides with a reward model's label column); rename one"),
+                    message: format!(
+                        "two outputs are named `{name}` (an entry's name collides with a reward model's label column); rename one"
+                    ),
                 });
             }
         }

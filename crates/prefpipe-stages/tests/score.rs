@@ -49,14 +49,7 @@ fn plan(stage: &dyn Stage, schema: &SchemaRef) -> Result<SchemaRef, Vec<ConfigEr
     let models = BTreeMap::new();
     let base = repo();
     let ids = ["input".to_string()];
-    stage.plan(
-        &PlanCx {
-            base_dir: &base,
-            models: &models,
-            input_ids: &ids,
-        },
-        std::slice::from_ref(schema),
-    )
+    stage.plan(&PlanCx { base_dir: &base, models: &models, input_ids: &ids }, std::slice::from_ref(schema))
 }
 
 /// Plans and runs the stage over `chunks` (one Parquet file each), the way
@@ -87,17 +80,9 @@ fn run_chunks(config: Value, chunks: &[RecordBatch], scratch: &Path) -> (RecordB
         models: &models,
         progress: &progress,
     };
-    let table = |files: Vec<PathBuf>| Table {
-        id: "input".into(),
-        schema: chunks[0].schema(),
-        files,
-    };
+    let table = |files: Vec<PathBuf>| Table { id: "input".into(), schema: chunks[0].schema(), files };
     let outs: Vec<Output> = match stage.mode() {
-        Mode::PerChunk => files
-            .iter()
-            .enumerate()
-            .map(|(c, f)| stage.run(&cx(c), &[table(vec![f.clone()])]).unwrap())
-            .collect(),
+        Mode::PerChunk => files.iter().enumerate().map(|(c, f)| stage.run(&cx(c), &[table(vec![f.clone()])]).unwrap()).collect(),
         Mode::Whole => vec![stage.run(&cx(0), &[table(files.clone())]).unwrap()],
         m => panic!("unexpected mode {m:?}"),
     };
@@ -296,10 +281,7 @@ fn multi_label_head_matches_transformers() {
     // `labels: {helpfulness: 1, "2": −0.5}` → 1·helpfulness − 0.5·verbosity (transformers' chat logits).
     for (i, got) in f64s(&out, "reward_mix").iter().enumerate() {
         let want = chat[i][0] - 0.5 * chat[i][2];
-        assert!(
-            (got.unwrap() - want).abs() <= REL_TOL * want.abs().max(chat[i][0].abs()),
-            "pair {i}: {got:?} vs {want}"
-        );
+        assert!((got.unwrap() - want).abs() <= REL_TOL * want.abs().max(chat[i][0].abs()), "pair {i}: {got:?} vs {want}");
     }
 }
 
@@ -377,7 +359,11 @@ fn num_labels_must_agree_with_the_head() {
         c.remove("label2id");
     });
     let e = plan_errors(json!({"reward_models": [{"name": "rm", "model": undeclared}]}), &samples());
-    assert!(e[0].1.contains("declares neither `num_labels` nor `id2label`, so transformers assumes 2 labels; add \"num_labels\": 1"), "{}", e[0].1);
+    assert!(
+        e[0].1.contains("declares neither `num_labels` nor `id2label`, so transformers assumes 2 labels; add \"num_labels\": 1"),
+        "{}",
+        e[0].1
+    );
 }
 
 #[test]
@@ -495,7 +481,10 @@ fn rules_and_weighted_aggregate_through_the_stage() {
     // The input columns come through untouched, in order, before the reward columns.
     let schema = out.schema();
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-    assert_eq!(names, ["prompt_id", "prompt", "sample_idx", "response", "reference_answer", "reward", "reward_correct", "reward_short", "reward_polite"]);
+    assert_eq!(
+        names,
+        ["prompt_id", "prompt", "sample_idx", "response", "reference_answer", "reward", "reward_correct", "reward_short", "reward_polite"]
+    );
 }
 
 /// zscore_mean runs over the whole input (two chunks here) and resumes from
