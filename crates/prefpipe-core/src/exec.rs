@@ -143,7 +143,7 @@ fn run_stage(
         aligned: s.aligned,
         ..Default::default()
     });
-    // A sink whose file was deleted or changed is not done.
+    // A stage whose outside file was deleted or changed is not done.
     if m.complete {
         if let Some(ext) = &m.external {
             let same = ext.path.exists() && crate::io::file_digest(&ext.path).ok().as_deref() == Some(ext.blake3.as_str());
@@ -243,6 +243,11 @@ fn run_stage(
             let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
             crate::io::write_parquet(&dir.join(chunk_file_name(0)), &s.schema, &out.batches)?;
             m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out, drops: out.drops });
+            // A stage with a table *and* a file outside the store (a train checkpoint).
+            if let Some(path) = &s.external {
+                let blake3 = crate::io::file_digest(path)?;
+                m.external = Some(ExternalRecord { path: path.clone(), blake3 });
+            }
         }
     }
     m.complete = true;

@@ -71,6 +71,22 @@ impl PlanCx<'_> {
     pub fn resolve_model(&self, m: &str) -> PathBuf {
         self.models.get(m).cloned().unwrap_or_else(|| self.resolve(m))
     }
+
+    /// The stage of this pipeline that writes model directory `dir` (see
+    /// [`Stage::model_output`]), if any. Only answers while a plan is being
+    /// built; a stage that reads such a model checks nothing on disk (it
+    /// need not exist yet) and uses the writer's content key as its digest.
+    pub fn producer_of(&self, dir: &Path) -> Option<Producer> {
+        crate::plan::producer_of(dir)
+    }
+}
+
+/// A stage that writes a model directory other stages read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Producer {
+    pub stage: String,
+    /// Its content key; `None` while it is not planned yet (it runs later).
+    pub key: Option<String>,
 }
 
 /// One input table as the executor hands it over: its files, read on demand.
@@ -149,9 +165,17 @@ pub trait Stage: Send + Sync {
         Ok(Vec::new())
     }
 
-    /// A file this stage writes outside the store (export); the executor
-    /// checks it still exists before trusting the cache.
+    /// A file this stage writes outside the store (export, a `train`
+    /// checkpoint's weights); the executor checks it still exists, unchanged,
+    /// before trusting the cache.
     fn external_output(&self, _cx: &PlanCx) -> Option<PathBuf> {
+        None
+    }
+
+    /// A model directory this stage writes (a `train` checkpoint). Stages
+    /// after it may name the directory as a `model:` before it exists; their
+    /// content keys then follow this stage's key ([`PlanCx::producer_of`]).
+    fn model_output(&self, _cx: &PlanCx) -> Option<PathBuf> {
         None
     }
 

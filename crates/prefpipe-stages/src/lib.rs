@@ -15,6 +15,7 @@ pub mod score;
 pub mod select;
 pub mod source;
 pub mod sql;
+pub mod train;
 mod strategy_stage;
 
 /// Every stage kind, in the order `prefpipe` documents them.
@@ -25,6 +26,7 @@ pub const KINDS: &[StageKind] = &[
     logprob::KIND,
     select::KIND,
     filter::KIND,
+    train::KIND,
     sql::KIND,
     export::KIND,
 ];

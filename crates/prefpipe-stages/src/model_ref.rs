@@ -23,9 +23,21 @@ impl ModelRef {
     }
 
     /// Checks the directory without loading weights (config, tokenizer vs
-    /// vocab size) and returns its digest for the stage key.
+    /// vocab size) and returns its digest for the stage key. A directory that
+    /// an earlier stage writes (a `train` checkpoint) is not read: its digest
+    /// is that stage's content key.
     pub fn check(&self, cx: &PlanCx) -> Result<String, ConfigError> {
         let dir = cx.resolve_model(&self.value);
+        // A checkpoint a `train` stage of this pipeline writes: nothing to read yet.
+        if let Some(p) = cx.producer_of(&dir) {
+            return match p.key {
+                Some(key) => Ok(format!("stage:{}:{key}", p.stage)),
+                None => Err(ConfigError::at(
+                    self.field,
+                    format!("{}: is written by stage `{}`, which must run first; list `{}` before this stage", dir.display(), p.stage, p.stage),
+                )),
+            };
+        }
         let at = |e: prefpipe_models::Error| ConfigError::at(self.field, e.to_string());
         if !dir.is_dir() {
             return Err(ConfigError::at(
