@@ -39,10 +39,14 @@ impl ModelRef {
             };
         }
         let at = |e: prefpipe_models::Error| ConfigError::at(self.field, e.to_string());
+        // A GGUF file (inference only): the file is the whole model.
+        if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return prefpipe_models::model_digest(&dir).map_err(at);
+        }
         if !dir.is_dir() {
             return Err(ConfigError::at(
                 self.field,
-                format!("{}: no such model directory (a Hugging Face directory with config.json, model.safetensors, tokenizer.json)", dir.display()),
+                format!("{}: no such model directory (a Hugging Face directory with config.json, model.safetensors, tokenizer.json) or .gguf file", dir.display()),
             ));
         }
         let cfg = ModelConfig::from_file(&dir.join("config.json")).map_err(at)?;
