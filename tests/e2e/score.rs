@@ -61,9 +61,15 @@ stages:
         assert_eq!(o.status.code(), Some(2), "{cmd}: {err}");
         assert!(!err.contains("panicked"), "{err}");
         let lines: Vec<&str> = err.lines().collect();
-        assert_eq!(lines.len(), 4, "every problem, one line each:\n{err}");
-        // Sorted by position: the `model:` of entry 0 (line 11, col 16), the `label:` of entry 1 (line 14),
-        // the rule's `column:` (line 18), the bad pattern (line 25).
+        assert_eq!(lines.len(), 5, "every problem, one line each:\n{err}");
+        // Sorted by position: the input's own `reward` column (the stage, line 6), the `model:` of
+        // entry 0 (line 11, col 16), the `label:` of entry 1 (line 14), the rule's `column:` (line 18),
+        // the bad pattern (line 25).
+        assert!(
+            lines[0].starts_with("error: pipeline.yaml:6:5: stage `scored`: ") && lines[0].contains("already has a `reward` column"),
+            "{err}"
+        );
+        let lines = &lines[1..];
         assert!(lines[0].starts_with("error: pipeline.yaml:11:16: stage `scored`: ") && lines[0].contains("no `score.weight`"), "{err}");
         assert!(
             lines[1].starts_with("error: pipeline.yaml:14:16: stage `scored`: ") && lines[1].contains("no label `harmlessness`"),
@@ -73,7 +79,10 @@ stages:
             lines[2].starts_with("error: pipeline.yaml:18:17: stage `scored`: ") && lines[2].contains("no column `gold_answer`"),
             "{err}"
         );
-        assert!(lines[3].starts_with("error: pipeline.yaml:25:18: stage `bad_regex`: not a valid regular expression"), "{err}");
+        assert!(
+            lines[3].starts_with("error: pipeline.yaml:25:18: stage `bad_regex`: not a valid regular expression: unclosed group"),
+            "{err}"
+        );
     }
     assert!(
         !dir.path().join(".prefpipe/stages").exists() || std::fs::read_dir(dir.path().join(".prefpipe/stages")).unwrap().next().is_none()

@@ -228,8 +228,9 @@ impl Rule {
                 match Regex::new(&r.pattern) {
                     Ok(re) => Some(Compiled::Regex(re, r.value, r.otherwise)),
                     Err(e) => {
-                        // regex's message spans lines (pattern, caret, reason): one line here.
-                        let msg = e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+                        // regex's message spans lines (pattern, caret, reason): keep the reason.
+                        let text = e.to_string();
+                        let msg = text.lines().find_map(|l| l.trim().strip_prefix("error: ")).unwrap_or(text.trim()).to_string();
                         errs.push(at("pattern", format!("not a valid regular expression: {msg}")));
                         None
                     }

@@ -172,58 +172,58 @@ impl Score {
         if c.batch_size == 0 {
             errs.push(ConfigError::at("batch_size", "`batch_size` must be at least 1"));
         }
-        // Names: valid, unique across reward models and rules.
-        let mut seen: BTreeMap<&str, ()> = BTreeMap::new();
-        let names = c
+        // Every entry (reward models, then rules): its name, weight and YAML path.
+        let entries: Vec<(&str, Option<f64>, Vec<PathSeg>)> = c
             .reward_models
             .iter()
-            .map(|m| m.name.as_str())
             .enumerate()
-            .map(|(i, n)| (n, at_rm as fn(usize, &str, String) -> ConfigError, i));
-        let names = names.chain(c.rules.iter().enumerate().map(|(i, r)| (r.name(), at_rule as fn(usize, &str, String) -> ConfigError, i)));
-        for (name, at, i) in names {
+            .map(|(i, m)| (m.name.as_str(), m.weight, at_rm(i, "", String::new()).path))
+            .chain(c.rules.iter().enumerate().map(|(i, r)| (r.name(), r.weight(), at_rule(i, "", String::new()).path)))
+            .collect();
+        let at = |entry: &[PathSeg], field: &str, message: String| {
+            let mut path = entry.to_vec();
+            path.extend((!field.is_empty()).then(|| PathSeg::Key(field.into())));
+            ConfigError { path, message }
+        };
+        let mut seen = std::collections::HashSet::new();
+        for (name, _, path) in &entries {
             if !valid_name(name) {
-                errs.push(at(i, "name", format!("`name` becomes the column `reward_{name}`: use letters, digits and `_` only")));
-            } else if seen.insert(name, ()).is_some() {
-                errs.push(at(i, "name", format!("two entries are named `{name}`; each needs its own `reward_{name}` column")));
+                errs.push(at(path, "name", format!("`name` becomes the column `reward_{name}`: use letters, digits and `_` only")));
+            } else if !seen.insert(*name) {
+                errs.push(at(path, "name", format!("two entries are named `{name}`; each needs its own `reward_{name}` column")));
             }
         }
-        // Weights.
-        let weights: Vec<(Option<f64>, ConfigError)> = c
-            .reward_models
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.weight, at_rm(i, "weight", String::new())))
-            .chain(c.rules.iter().enumerate().map(|(i, r)| (r.weight(), at_rule(i, "weight", String::new()))))
-            .collect();
-        if c.aggregate == Aggregate::Weighted {
-            for (w, at) in &weights {
-                match w {
-                    None => {
-                        let mut e = at.clone();
-                        e.path.pop();
-                        e.message = "`aggregate: weighted` needs a `weight` on every reward model and rule; this one has none".into();
-                        errs.push(e);
+        match c.aggregate {
+            Aggregate::Weighted => {
+                for (_, w, path) in &entries {
+                    match w {
+                        None => errs.push(at(
+                            path,
+                            "",
+                            "`aggregate: weighted` needs a `weight` on every reward model and rule; this one has none".into(),
+                        )),
+                        Some(w) if !(w.is_finite() && *w >= 0.0) => {
+                            errs.push(at(path, "weight", format!("`weight` must be a finite number ≥ 0; got {w}")))
+                        }
+                        _ => {}
                     }
-                    Some(w) if !(w.is_finite() && *w >= 0.0) => {
-                        errs.push(ConfigError { message: format!("`weight` must be a finite number ≥ 0; got {w}"), ..at.clone() })
-                    }
-                    _ => {}
+                }
+                if !entries.is_empty() && entries.iter().all(|(_, w, _)| *w == Some(0.0)) {
+                    errs.push(ConfigError::at(
+                        "aggregate",
+                        "every `weight` is 0: `aggregate: weighted` needs at least one positive weight",
+                    ));
                 }
             }
-            if weights.iter().all(|(w, _)| w.is_some_and(|w| w == 0.0)) && !weights.is_empty() {
-                errs.push(ConfigError::at("aggregate", "every `weight` is 0: `aggregate: weighted` needs at least one positive weight"));
-            }
-        } else {
-            for (w, at) in &weights {
-                if w.is_some() {
-                    errs.push(ConfigError {
-                        message: format!(
+            other => {
+                for (_, w, path) in &entries {
+                    if w.is_some() {
+                        let msg = format!(
                             "`weight` is only used by `aggregate: weighted` (this stage aggregates with `{}`)",
-                            aggregate_name(c.aggregate)
-                        ),
-                        ..at.clone()
-                    });
+                            aggregate_name(other)
+                        );
+                        errs.push(at(path, "weight", msg));
+                    }
                 }
             }
         }
@@ -472,22 +472,24 @@ impl Score {
     }
 
     /// Raw scores of input chunk `c`, from the scratch cache when an earlier
-    /// (interrupted) run already computed them.
+    /// (interrupted) run already computed them. The stage's scratch directory
+    /// is per stage key, so a cache never outlives its config, models or input.
     fn cached_raw(&self, cx: &RunCx, c: usize, batch: &RecordBatch, heads: &[Head], raw_schema: &SchemaRef) -> Result<Raw> {
         let data = cx.scratch.join(format!("raw-{c:06}.parquet"));
         let drops_file = cx.scratch.join(format!("raw-{c:06}.drops.json"));
-        if data.is_file() && drops_file.is_file() {
-            let batches = prefpipe_core::io::read_parquet(&data)?;
-            let all = arrow::compute::concat_batches(raw_schema, &batches)?;
-            let drops: BTreeMap<String, u64> = serde_json::from_slice(&std::fs::read(&drops_file).map_err(|e| Error::io(&drops_file, e))?)
-                .map_err(|e| Error::Runtime(format!("{}: {e}", drops_file.display())))?;
-            if all.num_rows() == batch.num_rows() {
-                let cols =
-                    all.columns().iter().map(|a| a.as_any().downcast_ref::<Float64Array>().expect("float64 cache").clone()).collect();
-                return Ok(Raw { cols, entry_at: self.entry_positions(heads), drops });
-            }
+        // Anything unreadable or of another shape is recomputed, never trusted.
+        let cached = || -> Option<Raw> {
+            let drops: BTreeMap<String, u64> = serde_json::from_slice(&std::fs::read(&drops_file).ok()?).ok()?;
+            let all = arrow::compute::concat_batches(raw_schema, &prefpipe_core::io::read_parquet(&data).ok()?).ok()?;
+            let cols: Option<Vec<Float64Array>> =
+                all.columns().iter().map(|a| a.as_any().downcast_ref::<Float64Array>().cloned()).collect();
+            (all.num_rows() == batch.num_rows()).then_some(Raw { cols: cols?, entry_at: self.entry_positions(heads), drops })
+        };
+        if let Some(raw) = cached() {
+            return Ok(raw);
         }
         let raw = self.raw(cx, batch, heads)?;
+        // The drop counts first: the Parquet file's presence marks the chunk done.
         let bytes = serde_json::to_vec(&raw.drops).expect("drops serialize");
         prefpipe_core::io::write_atomic(&drops_file, |f| {
             use std::io::Write;
