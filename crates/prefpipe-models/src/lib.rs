@@ -26,7 +26,6 @@
 //! rewards with transformers for the tiny models in `data-samples/models/`
 //! ([`write_fixture`]); `tests/golden.rs` matches them within 1e-4 relative.
 
-pub mod ches;
 pub mod config;
 pub mod decoder;
 pub mod error;
@@ -38,7 +37,6 @@ pub mod tokenizer;
 pub mod train;
 
 pub use candle_core::Device;
-pub use ches::ches;
 pub use config::{Family, HeadKind, ModelConfig};
 pub use error::{Error, Result};
 pub use fixture::{write_fixture, write_reward_fixture};

@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use prefpipe_models::{ches, model_digest, write_fixture, write_reward_fixture, Device, Family, Model, SamplingParams};
+use prefpipe_models::{model_digest, write_fixture, write_reward_fixture, Device, Family, Model, SamplingParams};
+use prefpipe_select::ches::ches;
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -153,7 +154,8 @@ fn logprobs_match_transformers() {
 /// the response-predicting positions; each component within 1e-4 of the
 /// vector's largest component. CHES/ln-CHES from those sums within 1e-4
 /// relative to the scale of their terms (⟨S⁺,S⁻⟩ and ‖S⁺‖² largely cancel).
-/// Expected: models_golden.py `causal_numbers` / `ches`.
+/// Expected: models_golden.py `causal_numbers` / `ches`. CHES is the function
+/// the `ches` filter stage calls (`prefpipe_select::ches::ches`).
 #[test]
 fn hidden_sums_and_ches_match_transformers() {
     let (mut worst_s, mut worst_c) = (0f64, 0f64);
