@@ -18,9 +18,10 @@ tiny-llama-rm's rewards are already in tests/golden/models/tiny-llama-rm.json
 (models_golden.py) and are not repeated here.
 
 Models:
-- data-samples/models/tiny-qwen2-rm: Qwen2ForSequenceClassification, 1 label,
-  written by prefpipe_models::write_reward_fixture(Qwen2, seed 6) (see
-  crates/prefpipe-stages/tests/score.rs, `committed_qwen2_rm_fixture_is_reproducible`).
+- data-samples/models/tiny-qwen2-rm, tiny-mistral-rm: Qwen2/MistralForSequenceClassification,
+  1 label, written by prefpipe_models::write_reward_fixture (Qwen2 seed 6, Mistral seed 7:
+  crates/prefpipe-stages/tests/score.rs, `committed_rm_fixtures_are_reproducible`).
+  tiny-mistral-rm has a 48-token sliding window, which the longer pairs exceed.
 - data-samples/models/tiny-qwen3-rm-3labels: Qwen3ForSequenceClassification with
   3 labels (helpfulness, correctness, verbosity) and pad_token_id = eos, written
   by this script with --write-fixtures: the body of data-samples/models/tiny-qwen3
@@ -45,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models_golden import PAIRS, encode_prompt, encode_response, header  # noqa: E402
 
-REWARD = ["tiny-qwen2-rm", "tiny-qwen3-rm-3labels"]
+REWARD = ["tiny-qwen2-rm", "tiny-mistral-rm", "tiny-qwen3-rm-3labels"]
 LABELS = ["helpfulness", "correctness", "verbosity"]
 
 
@@ -79,6 +80,7 @@ def run_reward(name, models):
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     pad = model.config.pad_token_id
     doc = header(None) | {
+        "generated_by": "tests/reference/score_golden.py",
         "model": f"data-samples/models/{name}",
         "class": type(model).__name__,
         "num_labels": model.config.num_labels,

@@ -3,10 +3,10 @@
 //! Hugging Face transformers:
 //!
 //! - `tests/golden/models/tiny-llama-rm.json` (tests/reference/models_golden.py),
-//! - `tests/golden/score/*.json` (tests/reference/score_golden.py: tiny-qwen2-rm
-//!   and the 3-label tiny-qwen3-rm-3labels).
+//! - `tests/golden/score/*.json` (tests/reference/score_golden.py: tiny-qwen2-rm,
+//!   tiny-mistral-rm and the 3-label tiny-qwen3-rm-3labels).
 //!
-//! Re-bless the tiny-qwen2-rm fixture with
+//! Re-bless the tiny-qwen2-rm and tiny-mistral-rm fixtures with
 //! `PREFPIPE_BLESS=1 cargo test -p prefpipe-stages --test score committed`,
 //! then re-run the script to refresh the goldens.
 
@@ -151,25 +151,26 @@ fn pairs_table(pairs: &[(String, String)]) -> RecordBatch {
 // ---------------------------------------------------------------------------
 // Fixtures.
 
-/// tiny-qwen2-rm is `write_reward_fixture(Qwen2, seed 6)`, byte for byte (or is rewritten when blessing).
+/// The reward-model fixtures this crate commits: (directory, family, seed of `write_reward_fixture`).
+const RM_FIXTURES: [(&str, Family, u64); 2] = [("tiny-qwen2-rm", Family::Qwen2, 6), ("tiny-mistral-rm", Family::Mistral, 7)];
+
+/// Each committed fixture is `write_reward_fixture`'s output byte for byte (or is rewritten when blessing).
 #[test]
-fn committed_qwen2_rm_fixture_is_reproducible() {
-    let committed = models_dir().join("tiny-qwen2-rm");
-    if std::env::var_os("PREFPIPE_BLESS").is_some() {
-        write_reward_fixture(&committed, Family::Qwen2, 6).unwrap();
-        return;
-    }
-    let fresh = tempfile::tempdir().unwrap();
-    write_reward_fixture(fresh.path(), Family::Qwen2, 6).unwrap();
-    for entry in std::fs::read_dir(fresh.path()).unwrap() {
-        let file = entry.unwrap().file_name();
-        let a = std::fs::read(fresh.path().join(&file)).unwrap();
-        let b = std::fs::read(committed.join(&file)).unwrap_or_default();
-        assert!(
-            a == b,
-            "tiny-qwen2-rm/{}: differs from write_reward_fixture output; re-bless with PREFPIPE_BLESS=1",
-            file.to_string_lossy()
-        );
+fn committed_rm_fixtures_are_reproducible() {
+    for (name, family, seed) in RM_FIXTURES {
+        let committed = models_dir().join(name);
+        if std::env::var_os("PREFPIPE_BLESS").is_some() {
+            write_reward_fixture(&committed, family, seed).unwrap();
+            continue;
+        }
+        let fresh = tempfile::tempdir().unwrap();
+        write_reward_fixture(fresh.path(), family, seed).unwrap();
+        for entry in std::fs::read_dir(fresh.path()).unwrap() {
+            let file = entry.unwrap().file_name();
+            let a = std::fs::read(fresh.path().join(&file)).unwrap();
+            let b = std::fs::read(committed.join(&file)).unwrap_or_default();
+            assert!(a == b, "{name}/{}: differs from write_reward_fixture output; re-bless with PREFPIPE_BLESS=1", file.to_string_lossy());
+        }
     }
 }
 
@@ -199,8 +200,10 @@ fn one_label_rewards_match_transformers() {
     let cases = [
         // Llama: tests/golden/models/tiny-llama-rm.json (models_golden.py `run_reward`).
         ("tiny-llama-rm", "tests/golden/models/tiny-llama-rm.json"),
-        // Qwen2: tests/golden/score/tiny-qwen2-rm.json (score_golden.py `run_reward`).
+        // Qwen2 and Mistral (48-token sliding window: the long pairs exercise it, batched and not):
+        // tests/golden/score/*.json (score_golden.py `run_reward`).
         ("tiny-qwen2-rm", "tests/golden/score/tiny-qwen2-rm.json"),
+        ("tiny-mistral-rm", "tests/golden/score/tiny-mistral-rm.json"),
     ];
     for (name, file) in cases {
         let g = golden(file);
