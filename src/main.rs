@@ -107,7 +107,16 @@ fn main() -> ExitCode {
             let code = e.downcast_ref::<Error>().map(Error::exit_code).unwrap_or(2);
             let msg = match e.downcast_ref::<Error>() {
                 Some(Error::Invalid(d)) => d.iter().map(|d| format!("error: {d}")).collect::<Vec<_>>().join("\n"),
-                _ => format!("error: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")),
+                _ => {
+                    // A cause whose text its wrapper already shows (`stage `x`: {source}`) is not repeated.
+                    let mut parts: Vec<String> = Vec::new();
+                    for c in e.chain().map(|c| c.to_string()) {
+                        if !parts.last().is_some_and(|p| p.ends_with(&c)) {
+                            parts.push(c);
+                        }
+                    }
+                    format!("error: {}", parts.join(": "))
+                }
             };
             let _ = writeln!(std::io::stderr(), "{msg}");
             ExitCode::from(code as u8)

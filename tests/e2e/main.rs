@@ -6,3 +6,4 @@ mod models;
 mod common;
 mod resume;
 mod score;
+mod train;

@@ -529,17 +529,21 @@ impl Stage for Train {
             }
         }
         if let (Some((pdir, pcfg, ptok)), Some((rdir, rcfg, rtok))) = (&policy, self.reference.as_ref().and_then(|r| read_model(cx, r))) {
-            if pcfg.vocab_size != rcfg.vocab_size || ptok.inner().get_vocab(true) != rtok.inner().get_vocab(true) {
+            let mut diffs = Vec::new();
+            if pcfg.vocab_size != rcfg.vocab_size {
+                diffs.push(format!("vocab_size {} vs {}", rcfg.vocab_size, pcfg.vocab_size));
+            }
+            if ptok.inner().get_vocab(true) != rtok.inner().get_vocab(true) {
+                diffs.push("the tokenizers map tokens to different ids".to_string());
+            }
+            if !diffs.is_empty() {
                 errs.push(ConfigError::at(
                     "reference",
                     format!(
-                        "{} has a different vocabulary from the policy {} (vocab_size {} vs {}, tokenizer {} vs {} tokens); DPO compares log-probs of the same tokens, so both need the same tokenizer",
+                        "{} has a different vocabulary from the policy {} ({}); DPO compares log-probs of the same tokens, so both need the same tokenizer",
                         rdir.display(),
                         pdir.display(),
-                        rcfg.vocab_size,
-                        pcfg.vocab_size,
-                        rtok.vocab_size(),
-                        ptok.vocab_size()
+                        diffs.join("; ")
                     ),
                 ));
             }

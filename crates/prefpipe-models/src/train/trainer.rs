@@ -167,6 +167,31 @@ pub struct MetricsRow {
     pub elapsed_s: f64,
 }
 
+impl MetricsRow {
+    fn to_bits(&self) -> [u64; 8] {
+        let f = [self.loss, self.reward_accuracy, self.reward_margin, self.chosen_logp, self.rejected_logp, self.lr, self.elapsed_s];
+        let mut out = [self.step; 8];
+        for (o, x) in out[1..].iter_mut().zip(f) {
+            *o = x.to_bits();
+        }
+        out
+    }
+
+    fn from_bits(b: &[u64; 8]) -> Self {
+        let f = |i: usize| f64::from_bits(b[i]);
+        MetricsRow {
+            step: b[0],
+            loss: f(1),
+            reward_accuracy: f(2),
+            reward_margin: f(3),
+            chosen_logp: f(4),
+            rejected_logp: f(5),
+            lr: f(6),
+            elapsed_s: f(7),
+        }
+    }
+}
+
 /// Reference log-probs of every example's responses, computed once.
 pub fn reference_logps(reference: &Model, examples: &[Example]) -> Result<Vec<Vec<f64>>> {
     let all: Vec<(Vec<u32>, Vec<u32>)> = examples.iter().flat_map(Example::sequences).collect();
@@ -248,7 +273,8 @@ struct State {
     elapsed_s: f64,
     /// The step each process started from (0, then one entry per resume).
     starts: Vec<u64>,
-    metrics: Vec<MetricsRow>,
+    /// Each row's fields as f64 bit patterns (JSON numbers do not round-trip every f64 exactly).
+    metrics: Vec<[u64; 8]>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -568,7 +594,7 @@ impl Trainer {
             adam_steps: self.opt.steps(),
             elapsed_s: self.elapsed(),
             starts: self.starts.clone(),
-            metrics: self.metrics.clone(),
+            metrics: self.metrics.iter().map(MetricsRow::to_bits).collect(),
         };
         let json = serde_json::to_vec_pretty(&state).map_err(|source| Error::Json { path: tmp.join("state.json"), source })?;
         std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
@@ -617,7 +643,7 @@ impl Trainer {
         let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
         self.opt.load_state(&moments, state.adam_steps)?;
         self.step = state.step;
-        self.metrics = state.metrics;
+        self.metrics = state.metrics.iter().map(MetricsRow::from_bits).collect();
         self.elapsed_before = state.elapsed_s;
         self.starts = state.starts;
         self.started = Instant::now();
