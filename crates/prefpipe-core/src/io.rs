@@ -203,8 +203,8 @@ mod tests {
         .unwrap();
         let p1 = dir.path().join("a.parquet");
         let p2 = dir.path().join("b.parquet");
-        write_parquet(&p1, &schema, &[b.clone()]).unwrap();
-        write_parquet(&p2, &schema, &[b.clone()]).unwrap();
+        write_parquet(&p1, &schema, std::slice::from_ref(&b)).unwrap();
+        write_parquet(&p2, &schema, std::slice::from_ref(&b)).unwrap();
         assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
         assert_eq!(read_parquet(&p1).unwrap(), vec![b]);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();

@@ -286,8 +286,7 @@ fn topo_order(deps: &[Vec<usize>]) -> std::result::Result<Vec<usize>, Vec<usize>
     let mut indeg: Vec<usize> = deps.iter().map(Vec::len).collect();
     let mut out = Vec::with_capacity(n);
     let mut done = vec![false; n];
-    loop {
-        let Some(i) = (0..n).find(|&i| !done[i] && indeg[i] == 0) else { break };
+    while let Some(i) = (0..n).find(|&i| !done[i] && indeg[i] == 0) {
         done[i] = true;
         out.push(i);
         for (j, d) in deps.iter().enumerate() {

@@ -195,13 +195,16 @@ pub enum Arity {
     Many,
 }
 
+/// Builds a stage from its config (the stage's YAML minus id/kind/input).
+pub type BuildStage = fn(&serde_json::Value) -> Result<Box<dyn Stage>, Vec<ConfigError>>;
+
 /// One line of the registry: a YAML `kind`.
 pub struct StageKind {
     pub name: &'static str,
     pub about: &'static str,
     pub arity: Arity,
     /// Builds the stage from its config (the stage's YAML minus id/kind/input).
-    pub build: fn(&serde_json::Value) -> Result<Box<dyn Stage>, Vec<ConfigError>>,
+    pub build: BuildStage,
     /// JSON Schema of the config.
     pub schema: fn() -> schemars::Schema,
 }

@@ -97,13 +97,16 @@ pub fn one_input<'a>(name: &str, inputs: &'a [Input<'a>]) -> Result<&'a Input<'a
     }
 }
 
+/// Builds a strategy from its config.
+pub type BuildStrategy = fn(&serde_json::Value) -> Result<Box<dyn Strategy>, Vec<ConfigError>>;
+
 /// One registry line: a strategy name, what it is, how to build it.
 pub struct StrategyKind {
     pub name: &'static str,
     /// The paper it follows, for `prefpipe` docs.
     pub about: &'static str,
     /// Builds from the stage config minus `strategy` (and the stage's own keys).
-    pub build: fn(&serde_json::Value) -> Result<Box<dyn Strategy>, Vec<ConfigError>>,
+    pub build: BuildStrategy,
     pub schema: fn() -> schemars::Schema,
 }
 

@@ -133,8 +133,11 @@ pub fn at_point(c: &[Candidate], point: Point, mean: f64, std: f64) -> usize {
     }
 }
 
-/// One prompt's pair(s): (chosen pos, rejected pos, μ, σ, point names) or a drop.
-pub fn pick(c: &[Candidate], cfg: &RewardPoints) -> Vec<Result<(usize, usize, f64, f64, Option<String>), DropReason>> {
+/// One pair: (chosen pos, rejected pos, μ, σ, `points` name when `all_points`).
+pub type PointPick = (usize, usize, f64, f64, Option<String>);
+
+/// One prompt's pair(s), or why it is dropped.
+pub fn pick(c: &[Candidate], cfg: &RewardPoints) -> Vec<Result<PointPick, DropReason>> {
     if c.len() < 2 {
         return vec![Err(DropReason::TooFewSamples)];
     }

@@ -132,7 +132,7 @@ impl Stage for Export {
                 Ok(())
             })?;
         } else {
-            io::write_parquet(&path, &out.schema(), &[out.clone()])?;
+            io::write_parquet(&path, &out.schema(), std::slice::from_ref(&out))?;
         }
         Ok(Output { rows_in: input.num_rows() as u64, ..Default::default() })
     }
