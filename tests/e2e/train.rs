@@ -361,3 +361,63 @@ fn metrics_table_schema() {
     assert_eq!(lr.value(0), 0.0);
     assert!((lr.value(1) - 0.001).abs() < 1e-12 && lr.value(2) < 0.001 && lr.null_count() == 0);
 }
+
+/// Runs `pipelines/<name>` from a copy of the repository layout whose
+/// `out/` is private to the test (the pipelines write to `../out`).
+fn run_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::copy(root().join("pipelines").join(name), dir.path().join("pipelines").join(name)).unwrap();
+    std::os::unix::fs::symlink(root().join("data-samples"), dir.path().join("data-samples")).unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    ok(prefpipe(dir.path(), &["run", &format!("pipelines/{name}")]));
+    dir
+}
+
+/// pipelines/train-dpo.yaml and train-lipo.yaml: held-out implicit-reward
+/// accuracy ≥ 0.9 with the checkpoint read back by a `logprob` stage (0.5
+/// before training, when the policy is the reference: every margin is 0),
+/// and the checkpoint loads through `Model::load`.
+#[test]
+fn train_pipelines_learn_the_synthetic_preference() {
+    for name in ["train-dpo.yaml", "train-lipo.yaml"] {
+        let dir = run_copy(name);
+        let o = ok(prefpipe(
+            dir.path(),
+            &[
+                "query",
+                "SELECT pairs, implicit_reward_accuracy FROM heldout_accuracy",
+                "--pipeline",
+                &format!("pipelines/{name}"),
+                "--format",
+                "csv",
+            ],
+        ));
+        let row: Vec<f64> = o.lines().nth(1).unwrap().split(',').map(|x| x.parse().unwrap()).collect();
+        assert_eq!(row[0], 32.0, "{name}: {o}");
+        assert!(row[1] >= 0.9, "{name}: held-out implicit-reward accuracy {}", row[1]);
+        let ckpt = dir.path().join("out").join(name.trim_end_matches(".yaml"));
+        prefpipe_models::Model::load(&ckpt, &prefpipe_models::Device::Cpu).unwrap();
+        assert!(ckpt.join("prefpipe_train.json").is_file());
+    }
+}
+
+/// pipelines/iterate.yaml (generate → score → select → train → generate with
+/// the checkpoint → score) raises the mean rule reward on held-out prompts.
+/// Run on a copy whose `../out` is private to the test.
+#[test]
+fn iterate_pipeline_raises_the_heldout_reward() {
+    let dir = run_copy("iterate.yaml");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("out/iterate-reward-by-policy.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows[0]["policy"], "base");
+    assert_eq!(rows[1]["policy"], "trained");
+    let (base, trained) = (rows[0]["mean_reward"].as_f64().unwrap(), rows[1]["mean_reward"].as_f64().unwrap());
+    // Measured: 0.43 → 0.84 (128 held-out samples each); require a clear gain.
+    assert!(trained >= base + 0.2, "held-out mean reward {base} → {trained}");
+    let o = prefpipe(dir.path(), &["run", "pipelines/iterate.yaml", "--log-format", "json"]);
+    assert!(!stderr(&o).contains("\"status\":\"running\""), "a second run does no work: {}", stderr(&o));
+}

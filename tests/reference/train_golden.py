@@ -19,13 +19,17 @@ With --check DIR, it instead loads a checkpoint that prefpipe trained (e.g.
 out/train-dpo, written by pipelines/train-dpo.yaml) in transformers and
 measures the implicit-reward accuracy on the held-out pairs the pipeline
 exported next to it, against the reference; it exits 1 below --min-accuracy.
+tests/golden/train/heldout_transformers.jsonl records its output for
+pipelines/train-dpo.yaml and train-lipo.yaml (one line each).
 
 Usage (from the repository root; needs torch, transformers, safetensors):
 
     python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors
     /tmp/venv/bin/python tests/reference/train_golden.py
-    cargo run -- run pipelines/train-dpo.yaml
-    /tmp/venv/bin/python tests/reference/train_golden.py --check out/train-dpo --reference data-samples/models/tiny-llama
+    for m in dpo lipo; do
+        cargo run -- run pipelines/train-$m.yaml
+        /tmp/venv/bin/python tests/reference/train_golden.py --check out/train-$m
+    done > tests/golden/train/heldout_transformers.jsonl
 """
 
 import argparse
