@@ -594,9 +594,11 @@ impl Stage for Train {
         let policy = Model::load_trainable(&self.model.dir(cx), &dev).map_err(model_err)?;
         let examples = self.examples(&input, &policy, &mut out)?;
         // Reference log-probs once, cached in scratch; the reference leaves memory before training.
-        let reference = tr::cached_reference_logps(&cx.scratch.join("reference_logps.bin"), &examples, || match &self.reference {
-            Some(r) => tr::reference_logps(&Model::load(&r.dir(cx), &dev)?, &examples),
-            None => tr::reference_logps(&policy, &examples),
+        // The default reference (the initial policy) is loaded again for inference: the trainable
+        // copy's weights are tracked variables, so a forward through them keeps every activation.
+        let ref_dir = self.reference.as_ref().map_or_else(|| self.model.dir(cx), |r| r.dir(cx));
+        let reference = tr::cached_reference_logps(&cx.scratch.join("reference_logps.bin"), &examples, || {
+            tr::reference_logps(&Model::load(&ref_dir, &dev)?, &examples)
         })
         .map_err(model_err)?;
         let seed = self.c.seed.unwrap_or_else(|| sample_seed(cx.seed, cx.stage_id, "train", 0));
