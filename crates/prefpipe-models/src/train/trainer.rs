@@ -168,7 +168,7 @@ pub struct MetricsRow {
 }
 
 impl MetricsRow {
-    fn to_bits(&self) -> [u64; 8] {
+    fn to_bits(self) -> [u64; 8] {
         let f = [self.loss, self.reward_accuracy, self.reward_margin, self.chosen_logp, self.rejected_logp, self.lr, self.elapsed_s];
         let mut out = [self.step; 8];
         for (o, x) in out[1..].iter_mut().zip(f) {
@@ -594,7 +594,7 @@ impl Trainer {
             adam_steps: self.opt.steps(),
             elapsed_s: self.elapsed(),
             starts: self.starts.clone(),
-            metrics: self.metrics.iter().map(MetricsRow::to_bits).collect(),
+            metrics: self.metrics.iter().map(|m| m.to_bits()).collect(),
         };
         let json = serde_json::to_vec_pretty(&state).map_err(|source| Error::Json { path: tmp.join("state.json"), source })?;
         std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
