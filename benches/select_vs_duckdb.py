@@ -224,8 +224,8 @@ def main():
 
     import duckdb
 
-    n_pp = duckdb.sql(f"SELECT count(*) FROM '{work}/prefpipe-out.parquet'").fetchone()[0]
-    n_dk = duckdb.sql(f"SELECT count(*) FROM '{work}/duckdb-out.parquet'").fetchone()[0]
+    n_pp = duckdb.sql(f"SELECT count(*) FROM '{work}/prefpipe-out.parquet'").fetchall()[0][0]
+    n_dk = duckdb.sql(f"SELECT count(*) FROM '{work}/duckdb-out.parquet'").fetchall()[0][0]
     pp, dk = statistics.median(pp_times), statistics.median(dk_times)
     print(f"prefpipe: median {pp:.2f}s  runs {[round(x, 2) for x in pp_times]}  peak RSS {max(pp_rss):.0f} MiB  rows out {n_pp:,}")
     print(f"duckdb:   median {dk:.2f}s  runs {[round(x, 2) for x in dk_times]}  peak RSS {max(dk_rss):.0f} MiB  rows out {n_dk:,}")

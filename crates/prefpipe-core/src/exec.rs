@@ -199,21 +199,29 @@ fn run_stage(
         m.chunks.retain(|k, _| *k < n);
         store.write_manifest(&m)?;
         reporter.stage_started(&s.id, &s.kind, if resumed { "resumed" } else { "running" }, n as u64);
-        for (c, file) in input.files.iter().enumerate() {
-            if m.chunks.contains_key(&c) && dir.join(chunk_file_name(c)).exists() {
-                continue;
-            }
-            let t = Table { id: input.id.clone(), schema: input.schema.clone(), files: vec![file.clone()] };
+        let pending: Vec<usize> = (0..n).filter(|c| !(m.chunks.contains_key(c) && dir.join(chunk_file_name(*c)).exists())).collect();
+        let done = std::sync::atomic::AtomicU64::new(m.chunks.len() as u64);
+        // One chunk: run, write its Parquet file, then record it.
+        let process = |c: usize| -> Result<(usize, ChunkRecord)> {
+            let t = Table { id: input.id.clone(), schema: input.schema.clone(), files: vec![input.files[c].clone()] };
             let out = s.stage.run(&cx(c), &[t])?;
             let rows_in = if out.rows_in > 0 { out.rows_in } else { input_m.chunks.values().nth(c).map_or(0, |r| r.rows_out) };
             let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
             check_schema(&s.schema, &out.batches)?;
             crate::io::write_parquet(&dir.join(chunk_file_name(c)), &s.schema, &out.batches)?;
             let rec = ChunkRecord { file: chunk_file_name(c), rows_in, rows_out, drops: out.drops };
-            store.record_chunk(&m, c, &rec)?;
-            m.chunks.insert(c, rec);
-            reporter.progress(&s.id, m.chunks.len() as u64, n as u64);
-        }
+            store.record_chunk(&s.id, &s.key, c, &rec)?;
+            let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            reporter.progress(&s.id, k, n as u64);
+            Ok((c, rec))
+        };
+        let records: Vec<(usize, ChunkRecord)> = if s.stage.parallel_chunks() {
+            use rayon::prelude::*;
+            pending.into_par_iter().map(process).collect::<Result<_>>()?
+        } else {
+            pending.into_iter().map(process).collect::<Result<_>>()?
+        };
+        m.chunks.extend(records);
     } else {
         reporter.stage_started(&s.id, &s.kind, "running", 1);
         m.chunks.clear();
@@ -232,13 +240,18 @@ fn run_stage(
                 crate::io::write_parquet(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
                 m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone() });
             }
-            let mut drops = Some(out.drops);
-            for (c, b) in batches {
-                crate::io::write_parquet(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
-                let rows_in = if c == 0 { rows_in } else { 0 };
-                let d = drops.take().unwrap_or_default();
-                m.chunks.insert(c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops: d });
-            }
+            // Chunk files are independent: write them in parallel.
+            use rayon::prelude::*;
+            let records: Vec<(usize, ChunkRecord)> = batches
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|(c, b)| {
+                    crate::io::write_parquet(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
+                    let (rows_in, drops) = if c == 0 { (rows_in, out.drops.clone()) } else { (0, Default::default()) };
+                    Ok((c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops }))
+                })
+                .collect::<Result<_>>()?;
+            m.chunks.extend(records);
         } else {
             let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
             crate::io::write_parquet(&dir.join(chunk_file_name(0)), &s.schema, &out.batches)?;

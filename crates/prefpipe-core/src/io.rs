@@ -41,6 +41,9 @@ pub fn writer_props() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("valid zstd level")))
         .set_created_by(format!("prefpipe {}", env!("CARGO_PKG_VERSION")))
+        // Responses and ids are near-unique: dictionary interning costs more
+        // than it saves, and zstd already folds repeated prompts.
+        .set_dictionary_enabled(false)
         .build()
 }
 

@@ -179,6 +179,12 @@ pub trait Stage: Send + Sync {
         None
     }
 
+    /// Whether chunks may run concurrently (cheap CPU stages; model stages
+    /// already use every thread inside one chunk).
+    fn parallel_chunks(&self) -> bool {
+        false
+    }
+
     /// Whether outputs keep all rows of a prompt in one chunk.
     fn output_aligned(&self, input_aligned: bool) -> bool {
         input_aligned

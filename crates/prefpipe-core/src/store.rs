@@ -142,8 +142,8 @@ impl Store {
     }
 
     /// Records one finished chunk (after its Parquet file is in place).
-    pub fn record_chunk(&self, m: &Manifest, c: usize, rec: &ChunkRecord) -> Result<()> {
-        let path = self.stage_dir(&m.id, &m.key).join(format!("chunk-{c:06}.json"));
+    pub fn record_chunk(&self, id: &str, key: &str, c: usize, rec: &ChunkRecord) -> Result<()> {
+        let path = self.stage_dir(id, key).join(format!("chunk-{c:06}.json"));
         let bytes = serde_json::to_vec(rec).expect("record serializes");
         crate::io::write_atomic(&path, |f| {
             use std::io::Write;
@@ -211,7 +211,7 @@ mod tests {
         s.write_manifest(&m).unwrap();
         let rec = ChunkRecord { file: chunk_file_name(0), rows_in: 5, rows_out: 2, drops: [("tie".to_string(), 1)].into() };
         // A recorded chunk counts only once its Parquet file exists.
-        s.record_chunk(&m, 0, &rec).unwrap();
+        s.record_chunk("sel", &m.key, 0, &rec).unwrap();
         assert!(s.manifest("sel", &m.key).unwrap().unwrap().chunks.is_empty());
         std::fs::write(s.stage_dir("sel", &m.key).join(chunk_file_name(0)), b"x").unwrap();
         m.chunks.insert(0, rec);

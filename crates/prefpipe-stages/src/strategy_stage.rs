@@ -78,6 +78,10 @@ impl Stage for StrategyStage {
         self.strategy.plan(&ins)
     }
 
+    fn parallel_chunks(&self) -> bool {
+        true
+    }
+
     fn output_aligned(&self, input_aligned: bool) -> bool {
         input_aligned || self.strategy.mode() == Mode::Whole
     }
