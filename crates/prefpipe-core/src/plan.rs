@@ -1,52 +1,14 @@
 //! Spec → plan: typed stage configs, a checked DAG in run order, output
 //! schemas, and content keys. Every problem is reported at once, located.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use arrow::datatypes::SchemaRef;
 
 use crate::error::{closest, Diagnostic, Error, Result};
 use crate::spec::{PipelineSpec, StageSpec};
-use crate::stage::{Arity, ConfigError, Mode, PlanCx, Producer, Stage, StageKind};
-
-thread_local! {
-    /// Model directories written by stages of the plan being built (see
-    /// [`Stage::model_output`]), by lexically normalised path. Set only for
-    /// the duration of [`build`]; read through [`PlanCx::producer_of`], so
-    /// stage plans need no extra argument.
-    static PRODUCED: RefCell<BTreeMap<PathBuf, Producer>> = const { RefCell::new(BTreeMap::new()) };
-}
-
-/// Clears [`PRODUCED`] when the build ends, however it ends.
-struct ProducedGuard;
-
-impl Drop for ProducedGuard {
-    fn drop(&mut self) {
-        PRODUCED.with(|p| p.borrow_mut().clear());
-    }
-}
-
-/// `a/./b/../c` → `a/c`, without touching the disk.
-fn normalize(p: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
-                out.pop();
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-pub(crate) fn producer_of(dir: &Path) -> Option<Producer> {
-    let dir = normalize(dir);
-    PRODUCED.with(|p| p.borrow().get(&dir).cloned())
-}
+use crate::stage::{normalize, Arity, ConfigError, Mode, PlanCx, Producer, Stage, StageKind};
 
 /// A pipeline resolved and checked, ready to run.
 pub struct Plan {
@@ -197,13 +159,14 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
 
     // Model directories written by stages (train checkpoints), so that stages
     // reading them plan against the writer rather than the disk.
-    let _guard = ProducedGuard;
+    let mut produced: BTreeMap<PathBuf, Producer> = BTreeMap::new();
     for (s, b) in spec.stages.iter().zip(&built) {
         let Some((stage, _)) = b else { continue };
         let input_ids: Vec<String> = s.inputs.iter().map(|(id, _)| id.clone()).collect();
-        let cx = PlanCx { base_dir, models: &models, input_ids: &input_ids };
+        let none = BTreeMap::new();
+        let cx = PlanCx { base_dir, models: &models, input_ids: &input_ids, produced: &none };
         if let Some(dir) = stage.model_output(&cx) {
-            PRODUCED.with(|p| p.borrow_mut().insert(normalize(&dir), Producer { stage: s.id.clone(), key: None }));
+            produced.insert(normalize(&dir), Producer { stage: s.id.clone(), key: None });
         }
     }
 
@@ -217,7 +180,7 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
             continue;
         }
         let input_ids: Vec<String> = s.inputs.iter().map(|(id, _)| id.clone()).collect();
-        let cx = PlanCx { base_dir, models: &models, input_ids: &input_ids };
+        let cx = PlanCx { base_dir, models: &models, input_ids: &input_ids, produced: &produced };
         let in_schemas: Vec<SchemaRef> = deps[i].iter().map(|&j| planned[j].as_ref().unwrap().schema.clone()).collect();
         let schema = match stage.plan(&cx, &in_schemas) {
             Ok(s) => s,
@@ -248,8 +211,10 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
         let input_aligned = deps[i].iter().all(|&j| planned[j].as_ref().unwrap().aligned);
         let mode = stage.mode();
         let key = h.finalize().to_hex().to_string();
-        if let Some(dir) = stage.model_output(&cx) {
-            PRODUCED.with(|p| p.borrow_mut().insert(normalize(&dir), Producer { stage: s.id.clone(), key: Some(key.clone()) }));
+        let written = stage.model_output(&cx);
+        drop(cx);
+        if let Some(dir) = written {
+            produced.insert(normalize(&dir), Producer { stage: s.id.clone(), key: Some(key.clone()) });
         }
         planned[i] = Some(PlannedStage {
             id: s.id.clone(),

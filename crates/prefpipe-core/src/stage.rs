@@ -56,28 +56,66 @@ pub struct PlanCx<'a> {
     pub models: &'a BTreeMap<String, PathBuf>,
     /// Ids of this stage's inputs, in order.
     pub input_ids: &'a [String],
+    /// Model directories written by stages of this pipeline (train
+    /// checkpoints), by lexically normalised path; see [`PlanCx::producer_of`].
+    pub produced: &'a BTreeMap<PathBuf, Producer>,
+}
+
+/// A path as written in a pipeline, relative to the pipeline file's directory.
+pub fn resolve(base_dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
+    }
+}
+
+/// A `model:` value: a name from `models:` or a path.
+pub fn resolve_model(base_dir: &Path, models: &BTreeMap<String, PathBuf>, m: &str) -> PathBuf {
+    models.get(m).cloned().unwrap_or_else(|| resolve(base_dir, m))
+}
+
+/// `a/./b/../c` → `a/c`, without touching the disk.
+pub fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl PlanCx<'_> {
     pub fn resolve(&self, p: &str) -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base_dir.join(p)
-        }
+        resolve(self.base_dir, p)
     }
     /// A `model:` value: a name from `models:` or a path.
     pub fn resolve_model(&self, m: &str) -> PathBuf {
-        self.models.get(m).cloned().unwrap_or_else(|| self.resolve(m))
+        resolve_model(self.base_dir, self.models, m)
     }
 
     /// The stage of this pipeline that writes model directory `dir` (see
-    /// [`Stage::model_output`]), if any. Only answers while a plan is being
-    /// built; a stage that reads such a model checks nothing on disk (it
-    /// need not exist yet) and uses the writer's content key as its digest.
+    /// [`Stage::model_output`]), if any; a stage that reads such a model
+    /// checks nothing on disk (it need not exist yet) and uses the writer's
+    /// content key as its digest.
     pub fn producer_of(&self, dir: &Path) -> Option<Producer> {
-        crate::plan::producer_of(dir)
+        self.produced.get(&normalize(dir)).cloned()
+    }
+}
+
+impl RunCx<'_> {
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        resolve(self.base_dir, p)
+    }
+    pub fn resolve_model(&self, m: &str) -> PathBuf {
+        resolve_model(self.base_dir, self.models, m)
     }
 }
 

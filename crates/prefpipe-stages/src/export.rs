@@ -116,7 +116,7 @@ impl Stage for Export {
     }
 
     fn run(&self, cx: &RunCx, inputs: &[Table]) -> Result<Output> {
-        let path = PlanCx { base_dir: cx.base_dir, models: cx.models, input_ids: &[] }.resolve(&self.c.path);
+        let path = cx.resolve(&self.c.path);
         let input = inputs[0].read_one()?;
         let out = match self.c.format {
             ExportFormat::Parquet | ExportFormat::Jsonl => input.clone(),

@@ -66,7 +66,7 @@ impl ModelRef {
     }
 
     pub fn dir(&self, cx: &RunCx) -> PathBuf {
-        PlanCx { base_dir: cx.base_dir, models: cx.models, input_ids: &[] }.resolve_model(&self.value)
+        cx.resolve_model(&self.value)
     }
 
     /// The model, loaded on first use and shared by every chunk of the run.

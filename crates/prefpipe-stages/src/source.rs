@@ -120,7 +120,7 @@ impl Stage for Source {
     }
 
     fn run(&self, cx: &RunCx, _: &[Table]) -> Result<Output> {
-        let path = prefpipe_core::stage::PlanCx { base_dir: cx.base_dir, models: cx.models, input_ids: &[] }.resolve(&self.c.path);
+        let path = cx.resolve(&self.c.path);
         let format = self.format(&path).map_err(|e| Error::Input(e.message))?;
         let file_schema = match format {
             Format::Parquet => io::parquet_schema(&path)?,

@@ -609,7 +609,7 @@ impl Stage for Train {
         self.save(&trainer, &self.output_dir(base), cx)?;
         let batch = metrics_batch(trainer.metrics())?;
         if let Some(p) = &self.c.metrics {
-            let path = PlanCx { base_dir: base, models: cx.models, input_ids: &[] }.resolve(p);
+            let path = cx.resolve(p);
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
             }
