@@ -186,15 +186,20 @@ def main():
         with open(data, "w") as f:
             for r in pairs(args.steps * args.batch):
                 f.write(json.dumps(r) + "\n")
+        load = [os.getloadavg()[0]]
         ours = run_prefpipe(work, model, data, args)
+        load.append(os.getloadavg()[0])
         wall, rss, out = timed([sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--batch", str(args.batch),
                                 "--threads", str(args.threads), "--torch-worker", model, data])
         theirs = json.loads(out.strip().splitlines()[-1]) | {"peak_rss_mib": rss, "wall_s": wall}
+        load.append(os.getloadavg()[0])
     print(f"model: {n_params / 1e6:.1f}M parameters, f32, CPU, {args.threads} threads; DPO, batch {args.batch} pairs, {args.steps} steps")
     print(f"{'':10} {'steps/s':>8} {'step-1 loss':>12} {f'step-{args.steps} loss':>13} {'peak RSS':>12} {'wall':>8}")
     for name, r in (("prefpipe", ours), ("pytorch", theirs)):
         print(f"{name:10} {r['steps_per_s']:8.3f} {r['step1_loss']:12.6f} {r['last_loss']:13.6f} {r['peak_rss_mib']:8.0f} MiB {r['wall_s']:7.1f}s")
     print(f"ratio (prefpipe / pytorch steps/s): {ours['steps_per_s'] / theirs['steps_per_s']:.2f}")
+    # Other processes on the machine skew the figures: the 1-minute load average at start, between, end.
+    print(f"load average: {load[0]:.2f} → {load[1]:.2f} → {load[2]:.2f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@
 //! directory, before the policy trains, so the reference model is not in
 //! memory during training. Checkpoints (weights, AdamW moments, step) go to
 //! scratch every `save_every` steps: a killed run resumes from the last one and
-//! ends with the same weights as an uninterrupted run.
+//! ends with the same weights as an uninterrupted run. They are deleted once
+//! the output is written.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -607,6 +608,12 @@ impl Stage for Train {
         trainer.run(cx.progress).map_err(|e| Error::Runtime(format!("training: {e}")))?;
         let base = cx.base_dir;
         self.save(&trainer, &self.output_dir(base), cx)?;
+        // The resume checkpoints (weights + AdamW moments: 3× the model) are no longer needed;
+        // should the output be deleted, the stage trains again, to the same weights.
+        let ckpts = cx.scratch.join("checkpoints");
+        if ckpts.exists() {
+            std::fs::remove_dir_all(&ckpts).map_err(|e| Error::io(&ckpts, e))?;
+        }
         let batch = metrics_batch(trainer.metrics())?;
         if let Some(p) = &self.c.metrics {
             let path = cx.resolve(p);
