@@ -208,7 +208,7 @@ fn run_stage(
             let rows_in = if out.rows_in > 0 { out.rows_in } else { input_m.chunks.values().nth(c).map_or(0, |r| r.rows_out) };
             let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
             check_schema(&s.schema, &out.batches)?;
-            crate::io::write_parquet(&dir.join(chunk_file_name(c)), &s.schema, &out.batches)?;
+            crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, &out.batches)?;
             let rec = ChunkRecord { file: chunk_file_name(c), rows_in, rows_out, drops: out.drops };
             store.record_chunk(&s.id, &s.key, c, &rec)?;
             let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -237,7 +237,7 @@ fn run_stage(
         } else if s.mode == Mode::Source {
             let mut batches = out.batches.into_iter().enumerate().peekable();
             if batches.peek().is_none() {
-                crate::io::write_parquet(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
+                crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
                 m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone() });
             }
             // Chunk files are independent: write them in parallel.
@@ -246,7 +246,7 @@ fn run_stage(
                 .collect::<Vec<_>>()
                 .into_par_iter()
                 .map(|(c, b)| {
-                    crate::io::write_parquet(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
+                    crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
                     let (rows_in, drops) = if c == 0 { (rows_in, out.drops.clone()) } else { (0, Default::default()) };
                     Ok((c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops }))
                 })
@@ -254,7 +254,7 @@ fn run_stage(
             m.chunks.extend(records);
         } else {
             let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
-            crate::io::write_parquet(&dir.join(chunk_file_name(0)), &s.schema, &out.batches)?;
+            crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &out.batches)?;
             m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out, drops: out.drops });
             // A stage with a table *and* a file outside the store (a train checkpoint).
             if let Some(path) = &s.external {

@@ -36,10 +36,15 @@ impl Format {
     }
 }
 
-/// Writer settings for every Parquet file: zstd, deterministic bytes.
+/// Writer settings for files users keep (exports, query results): zstd,
+/// deterministic bytes.
 pub fn writer_props() -> WriterProperties {
+    props(Compression::ZSTD(ZstdLevel::try_new(1).expect("valid zstd level")))
+}
+
+fn props(codec: Compression) -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("valid zstd level")))
+        .set_compression(codec)
         .set_created_by(format!("prefpipe {}", env!("CARGO_PKG_VERSION")))
         // Responses and ids are near-unique: dictionary interning costs more
         // than it saves, and zstd already folds repeated prompts.
@@ -70,10 +75,20 @@ pub fn write_atomic(path: &Path, f: impl FnOnce(&mut File) -> Result<()>) -> Res
     res
 }
 
-/// Writes batches as one Parquet file, atomically.
+/// Writes batches as one Parquet file (zstd), atomically.
 pub fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<()> {
+    write_parquet_with(path, schema, batches, writer_props())
+}
+
+/// Writes a chunk of the run store: LZ4, which compresses and decompresses
+/// several times faster than zstd; store chunks are read back once or twice.
+pub fn write_store_chunk(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<()> {
+    write_parquet_with(path, schema, batches, props(Compression::LZ4_RAW))
+}
+
+fn write_parquet_with(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], props: WriterProperties) -> Result<()> {
     write_atomic(path, |file| {
-        let mut w = ArrowWriter::try_new(file, schema.clone(), Some(writer_props()))?;
+        let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
         for b in batches {
             w.write(b)?;
         }
@@ -86,17 +101,26 @@ fn open(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| Error::Input(format!("{}: cannot open: {e}", path.display())))
 }
 
-/// Reads a whole Parquet file.
+/// Reads a whole Parquet file; row groups are decoded in parallel and
+/// returned in file order.
 pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
-        .map_err(|e| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display())))?;
-    let reader = builder
-        .with_batch_size(64 * 1024)
-        .build()
-        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
-    reader
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Input(format!("{}: corrupt Parquet data: {e}", path.display())))
+    use rayon::prelude::*;
+    let unreadable = |e: parquet::errors::ParquetError| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display()));
+    let n = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(unreadable)?.metadata().num_row_groups();
+    let groups: Vec<Vec<RecordBatch>> = (0..n.max(1))
+        .into_par_iter()
+        .map(|g| {
+            let mut builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(unreadable)?.with_batch_size(64 * 1024);
+            if n > 0 {
+                builder = builder.with_row_groups(vec![g]);
+            }
+            let reader = builder.build().map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+            reader
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| Error::Input(format!("{}: corrupt Parquet data: {e}", path.display())))
+        })
+        .collect::<Result<_>>()?;
+    Ok(groups.into_iter().flatten().collect())
 }
 
 /// The schema of a Parquet file (reads the footer only).
