@@ -157,15 +157,15 @@ def make_data(path, prompts, samples):
 
 
 def timed(cmd, env=None):
-    """Wall seconds and peak RSS (MiB) of a child process."""
+    """Wall seconds and peak RSS (MiB) of a command, via GNU time (a forked
+    child's ru_maxrss would start at this Python process's own size)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
+    p = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = time.perf_counter() - t0
-    err = p.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
+    err = p.stderr.decode()
+    if p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{err}")
-    return wall, ru.ru_maxrss / 1024
+    return wall, int(err.strip().splitlines()[-1]) / 1024
 
 
 def main():
