@@ -174,11 +174,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Schema { out } => schemas::write(&out),
         Cmd::Fixtures { dir, seed } => {
             use prefpipe_models::Family;
-            for (name, fam) in [("tiny-llama", Family::Llama), ("tiny-qwen2", Family::Qwen2), ("tiny-qwen3", Family::Qwen3), ("tiny-mistral", Family::Mistral)] {
+            for (name, fam) in [
+                ("tiny-llama", Family::Llama),
+                ("tiny-qwen2", Family::Qwen2),
+                ("tiny-qwen3", Family::Qwen3),
+                ("tiny-mistral", Family::Mistral),
+            ] {
                 prefpipe_models::write_fixture(&dir.join(name), fam, seed).map_err(|e| Error::Runtime(e.to_string()))?;
                 println!("wrote {}", dir.join(name).display());
             }
-            prefpipe_models::write_reward_fixture(&dir.join("tiny-llama-rm"), Family::Llama, seed + 1).map_err(|e| Error::Runtime(e.to_string()))?;
+            prefpipe_models::write_reward_fixture(&dir.join("tiny-llama-rm"), Family::Llama, seed + 1)
+                .map_err(|e| Error::Runtime(e.to_string()))?;
             println!("wrote {}", dir.join("tiny-llama-rm").display());
             Ok(())
         }

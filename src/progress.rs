@@ -50,7 +50,9 @@ impl Reporter {
 impl prefpipe_core::exec::Reporter for Reporter {
     fn stage_started(&self, id: &str, kind: &str, status: &str, total: u64) {
         match self.format {
-            LogFormat::Json => self.json(serde_json::json!({"event": "stage_started", "stage": id, "kind": kind, "status": status, "chunks": total})),
+            LogFormat::Json => {
+                self.json(serde_json::json!({"event": "stage_started", "stage": id, "kind": kind, "status": status, "chunks": total}))
+            }
             LogFormat::Text if self.tty && status != "cached" && total > 1 => {
                 let bar = self.multi.add(ProgressBar::new(total));
                 bar.set_style(

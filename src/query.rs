@@ -17,9 +17,7 @@ pub enum OutFormat {
 
 /// `NAME=FILE` → a table.
 pub fn file_table(arg: &str) -> anyhow::Result<Table> {
-    let (name, file) = arg
-        .split_once('=')
-        .ok_or_else(|| Error::Input(format!("--table {arg}: expected NAME=FILE")))?;
+    let (name, file) = arg.split_once('=').ok_or_else(|| Error::Input(format!("--table {arg}: expected NAME=FILE")))?;
     let file = PathBuf::from(file);
     let schema = io::parquet_schema(&file)?;
     Ok(Table { id: name.to_string(), schema, files: vec![file] })

@@ -145,7 +145,8 @@ fn missing_or_mistyped_columns() {
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("stage `pairs`: input `scored` has no column `reward`"), "{e}");
     // `reward` of the wrong type.
-    std::fs::write(dir.path().join("p.jsonl"), "{\"prompt\": \"a\", \"response\": \"x\", \"sample_idx\": 0, \"reward\": \"high\"}\n").unwrap();
+    std::fs::write(dir.path().join("p.jsonl"), "{\"prompt\": \"a\", \"response\": \"x\", \"sample_idx\": 0, \"reward\": \"high\"}\n")
+        .unwrap();
     let o = prefpipe(dir.path(), &["run", "pipeline.yaml"]);
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{e}");

@@ -89,7 +89,11 @@ fn changing_a_stage_reruns_it_and_its_descendants_only() {
     // --force re-runs a stage and everything downstream.
     let log = stderr(&prefpipe(dir.path(), &["run", "pipeline.yaml", "--force", "pairs"]));
     let status = |id: &str| log.lines().find(|l| l.starts_with(id)).unwrap().split_whitespace().nth(2).unwrap().to_string();
-    assert_eq!((status("scored"), status("pairs"), status("wide"), status("export")), ("cached".into(), "ran".into(), "ran".into(), "ran".into()), "{log}");
+    assert_eq!(
+        (status("scored"), status("pairs"), status("wide"), status("export")),
+        ("cached".into(), "ran".into(), "ran".into(), "ran".into()),
+        "{log}"
+    );
 
     // --until runs only what a stage needs.
     let dir2 = tempfile::tempdir().unwrap();
@@ -143,7 +147,10 @@ fn every_example_pipeline_runs() {
     let mut n = 0;
     for e in std::fs::read_dir(root().join("pipelines")).unwrap().flatten() {
         let p = e.path();
-        if p.extension().is_none_or(|x| x != "yaml") || p.file_name().unwrap().to_string_lossy().starts_with("real-") || p.file_name().unwrap() == "smollm2.yaml" {
+        if p.extension().is_none_or(|x| x != "yaml")
+            || p.file_name().unwrap().to_string_lossy().starts_with("real-")
+            || p.file_name().unwrap() == "smollm2.yaml"
+        {
             continue; // real-model pipelines need downloaded weights
         }
         let store = tempfile::tempdir().unwrap();
@@ -173,7 +180,10 @@ fn export_formats() {
     let raw = crate::common::read(&dir.path().join("raw.parquet"));
     let schema = raw[0].schema();
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-    assert_eq!(&names[..9], ["prompt_id", "prompt", "chosen", "rejected", "chosen_idx", "rejected_idx", "chosen_reward", "rejected_reward", "margin"]);
+    assert_eq!(
+        &names[..9],
+        ["prompt_id", "prompt", "chosen", "rejected", "chosen_idx", "rejected_idx", "chosen_reward", "rejected_reward", "margin"]
+    );
     let lines = std::fs::read_to_string(dir.path().join("raw.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 50);
 }

@@ -2,8 +2,8 @@
 
 mod bad_input;
 mod cli;
-mod models;
 mod common;
+mod models;
 mod resume;
 mod score;
 mod train;

@@ -56,7 +56,8 @@ fn generation_does_not_depend_on_batch_or_chunk_size() {
     let mut outputs = Vec::new();
     for (bs, chunk) in [(1, 2), (4, 2), (16, 5)] {
         let dir = tempfile::tempdir().unwrap();
-        let yaml = pipeline(&fixture("tiny-llama"), &format!("\n    batch_size: {bs}")).replace("chunk_size: 2", &format!("chunk_size: {chunk}"));
+        let yaml =
+            pipeline(&fixture("tiny-llama"), &format!("\n    batch_size: {bs}")).replace("chunk_size: 2", &format!("chunk_size: {chunk}"));
         std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
         ok(prefpipe(dir.path(), &["run", "p.yaml"]));
         outputs.push(std::fs::read_to_string(dir.path().join("samples.jsonl")).unwrap());
@@ -84,10 +85,13 @@ fn kill_9_during_generate_resumes_to_identical_output() {
         let Ok(rd) = std::fs::read_dir(d.join(".prefpipe/stages")) else { return 0 };
         rd.flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with("samples-"))
-            .map(|e| std::fs::read_dir(e.path()).unwrap().flatten().filter(|f| f.file_name().to_string_lossy().ends_with(".parquet")).count())
+            .map(|e| {
+                std::fs::read_dir(e.path()).unwrap().flatten().filter(|f| f.file_name().to_string_lossy().ends_with(".parquet")).count()
+            })
             .sum()
     };
-    let mut child = Command::new(bin()).args(["run", "p.yaml"]).current_dir(dir.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        Command::new(bin()).args(["run", "p.yaml"]).current_dir(dir.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let t0 = Instant::now();
     let mut killed = false;
     while t0.elapsed() < Duration::from_secs(120) {
@@ -139,7 +143,10 @@ fn bad_models_are_rejected_before_running() {
 
     // An architecture prefpipe does not run.
     let m = copy_model("tiny-llama", &tmp.path().join("arch"));
-    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap().replace("LlamaForCausalLM", "GPT2LMHeadModel").replace("\"llama\"", "\"gpt2\"");
+    let cfg = std::fs::read_to_string(m.join("config.json"))
+        .unwrap()
+        .replace("LlamaForCausalLM", "GPT2LMHeadModel")
+        .replace("\"llama\"", "\"gpt2\"");
     std::fs::write(m.join("config.json"), cfg).unwrap();
     let e = broken(&m);
     assert!(e.contains("unsupported") && e.contains("GPT2LMHeadModel"), "{e}");

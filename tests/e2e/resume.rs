@@ -31,13 +31,7 @@ fn setup(dir: &Path) {
 }
 
 fn spawn(dir: &Path) -> Child {
-    Command::new(bin())
-        .args(["run", "pipeline.yaml"])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    Command::new(bin()).args(["run", "pipeline.yaml"]).current_dir(dir).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
 }
 
 /// Chunks of the `pairs` stage recorded so far (sidecars or manifest).

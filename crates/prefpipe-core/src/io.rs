@@ -219,10 +219,8 @@ mod tests {
     #[test]
     fn parquet_round_trip_is_atomic_and_deterministic() {
         let dir = tempfile::tempdir().unwrap();
-        let schema = schema_ref(Schema::new(vec![
-            Field::new("prompt_id", DataType::Utf8, false),
-            Field::new("reward", DataType::Float64, true),
-        ]));
+        let schema =
+            schema_ref(Schema::new(vec![Field::new("prompt_id", DataType::Utf8, false), Field::new("reward", DataType::Float64, true)]));
         let b = RecordBatch::try_new(
             schema.clone(),
             vec![Arc::new(StringArray::from(vec!["a", "b"])), Arc::new(Float64Array::from(vec![1.0, 2.5]))],

@@ -68,9 +68,7 @@ impl Plan {
     /// A stage id that must exist (for --until/--force/--set).
     pub fn require(&self, id: &str, flag: &str) -> Result<usize> {
         self.index(id).ok_or_else(|| {
-            let hint = closest(id, self.stages.iter().map(|s| s.id.as_str()))
-                .map(|c| format!("; did you mean `{c}`?"))
-                .unwrap_or_default();
+            let hint = closest(id, self.stages.iter().map(|s| s.id.as_str())).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
             Error::Input(format!("{flag} {id}: the pipeline has no stage `{id}`{hint}"))
         })
     }
@@ -108,9 +106,7 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
     for s in &spec.stages {
         let kind_node = s.node.get("kind").unwrap_or(&s.node);
         let Some(kind) = registry.iter().find(|k| k.name == s.kind) else {
-            let hint = closest(&s.kind, registry.iter().map(|k| k.name))
-                .map(|c| format!("; did you mean `{c}`?"))
-                .unwrap_or_default();
+            let hint = closest(&s.kind, registry.iter().map(|k| k.name)).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
             let all: Vec<&str> = registry.iter().map(|k| k.name).collect();
             errs.push(at_node(s, kind_node, format!("unknown stage kind `{}`{hint} (kinds: {})", s.kind, all.join(", "))));
             built.push(None);
@@ -118,9 +114,15 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
         };
         match (kind.arity, s.inputs.len()) {
             (Arity::None, 0) | (Arity::One, 1) | (Arity::Many, 1..) => {}
-            (Arity::None, _) => errs.push(at_node(s, s.node.get("input").unwrap_or(&s.node), format!("a `{}` stage reads no `input`", kind.name))),
-            (Arity::One, 0) | (Arity::Many, 0) => errs.push(at_node(s, &s.node, format!("a `{}` stage needs an `input` (the id of the stage it reads)", kind.name))),
-            (Arity::One, _) => errs.push(at_node(s, s.node.get("input").unwrap_or(&s.node), format!("a `{}` stage reads exactly one `input`", kind.name))),
+            (Arity::None, _) => {
+                errs.push(at_node(s, s.node.get("input").unwrap_or(&s.node), format!("a `{}` stage reads no `input`", kind.name)))
+            }
+            (Arity::One, 0) | (Arity::Many, 0) => {
+                errs.push(at_node(s, &s.node, format!("a `{}` stage needs an `input` (the id of the stage it reads)", kind.name)))
+            }
+            (Arity::One, _) => {
+                errs.push(at_node(s, s.node.get("input").unwrap_or(&s.node), format!("a `{}` stage reads exactly one `input`", kind.name)))
+            }
         }
         match (kind.build)(&s.config.to_json()) {
             Ok(stage) => built.push(Some((stage, kind))),
@@ -152,7 +154,11 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
         Err(cycle) => {
             let names: Vec<&str> = cycle.iter().map(|&i| spec.stages[i].id.as_str()).collect();
             let s = &spec.stages[cycle[0]];
-            errs.push(at_node(s, s.node.get("input").unwrap_or(&s.node), format!("the stages form a cycle: {} → {}", names.join(" → "), names[0])));
+            errs.push(at_node(
+                s,
+                s.node.get("input").unwrap_or(&s.node),
+                format!("the stages form a cycle: {} → {}", names.join(" → "), names[0]),
+            ));
             Vec::new()
         }
     };

@@ -52,9 +52,7 @@ impl StageSpec {
 
 /// Reads and parses a pipeline file.
 pub fn load(path: &std::path::Path) -> Result<PipelineSpec> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        Error::Input(format!("{}: cannot read pipeline: {e}", path.display()))
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::Input(format!("{}: cannot read pipeline: {e}", path.display())))?;
     parse(&path.display().to_string(), &bytes, default_name(path))
 }
 
@@ -64,21 +62,13 @@ fn default_name(path: &std::path::Path) -> String {
 
 /// Parses pipeline bytes; `file` names the source in messages.
 pub fn parse(file: &str, bytes: &[u8], default_name: String) -> Result<PipelineSpec> {
-    let diag = |line, col, msg: String| Diagnostic {
-        location: Location { file: file.to_string(), line, col },
-        stage: None,
-        message: msg,
-    };
+    let diag = |line, col, msg: String| Diagnostic { location: Location { file: file.to_string(), line, col }, stage: None, message: msg };
     let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
             let upto = &bytes[..e.valid_up_to()];
             let line = upto.iter().filter(|b| **b == b'\n').count() as u64 + 1;
-            return Err(Error::Invalid(vec![diag(
-                line,
-                0,
-                format!("not a YAML text file: invalid UTF-8 at byte {}", e.valid_up_to()),
-            )]));
+            return Err(Error::Invalid(vec![diag(line, 0, format!("not a YAML text file: invalid UTF-8 at byte {}", e.valid_up_to()))]));
         }
     };
     if text.contains('\0') {
@@ -103,18 +93,17 @@ fn from_node(file: &str, root: &Node, default_name: String, errs: &mut Vec<Diagn
         message: msg,
     };
     let Some(map) = root.as_map() else {
-        errs.push(at(root, None, format!(
-            "a pipeline is a mapping with `name`, `seed`, `models` and `stages`; found {}",
-            root.type_name()
-        )));
+        errs.push(at(
+            root,
+            None,
+            format!("a pipeline is a mapping with `name`, `seed`, `models` and `stages`; found {}", root.type_name()),
+        ));
         return None;
     };
     for (k, _) in map {
         let key = k.as_str().unwrap_or("");
         if !TOP_KEYS.contains(&key) {
-            let hint = closest(key, TOP_KEYS.iter().copied())
-                .map(|c| format!("; did you mean `{c}`?"))
-                .unwrap_or_default();
+            let hint = closest(key, TOP_KEYS.iter().copied()).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
             errs.push(at(k, None, format!("unknown top-level key `{key}`{hint} (expected one of: {})", TOP_KEYS.join(", "))));
         }
     }
@@ -242,19 +231,14 @@ fn stage_from_node(file: &str, item: &Node, errs: &mut Vec<Diagnostic>) -> Optio
             _ => errs.push(at(n, id.as_deref(), "`input` is a stage id or a list of stage ids".into())),
         }
     }
-    let rest: Vec<(Node, Node)> = map
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), Some("id" | "kind" | "input")))
-        .cloned()
-        .collect();
+    let rest: Vec<(Node, Node)> = map.iter().filter(|(k, _)| !matches!(k.as_str(), Some("id" | "kind" | "input"))).cloned().collect();
     let config = Node { line: item.line, col: item.col, value: Value::Map(rest) };
     Some(StageSpec { id: id?, kind: kind?, inputs, config, node: item.clone() })
 }
 
 fn valid_id(s: &str) -> bool {
     let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic()) && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 impl PipelineSpec {
@@ -264,7 +248,8 @@ impl PipelineSpec {
         let (lhs, value) = assignment.split_once('=').ok_or_else(bad)?;
         let (stage, key) = lhs.split_once('.').ok_or_else(bad)?;
         let Some(s) = self.stages.iter_mut().find(|s| s.id == stage) else {
-            let hint = closest(stage, self.stages.iter().map(|s| s.id.as_str())).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
+            let hint =
+                closest(stage, self.stages.iter().map(|s| s.id.as_str())).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
             return Err(Error::Input(format!("--set {assignment}: no stage `{stage}`{hint}")));
         };
         if matches!(key, "id" | "kind" | "input") {

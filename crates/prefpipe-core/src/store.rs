@@ -83,18 +83,11 @@ impl Store {
     pub fn open_locked(root: &Path) -> Result<Store> {
         std::fs::create_dir_all(root.join("stages")).map_err(|e| Error::io(root, e))?;
         let lock_path = root.join("LOCK");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, e))?;
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
         match FileExt::try_lock_exclusive(&f) {
             Ok(true) => {}
             Ok(false) => return Err(Error::Locked { path: root.to_path_buf() }),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(Error::Locked { path: root.to_path_buf() })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Error::Locked { path: root.to_path_buf() }),
             Err(e) => return Err(Error::io(&lock_path, e)),
         }
         Ok(Store { root: root.to_path_buf(), _lock: Some(f) })
@@ -116,8 +109,7 @@ impl Store {
         let dir = self.stage_dir(id, key);
         let p = dir.join("manifest.json");
         let mut m: Manifest = match std::fs::read(&p) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Runtime(format!("{}: corrupt manifest: {e}", p.display())))?,
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Runtime(format!("{}: corrupt manifest: {e}", p.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(p, e)),
         };

@@ -26,10 +26,8 @@ pub mod col {
 /// Columns that describe one sample rather than its prompt; a pairs table
 /// does not carry them through (DESIGN §6: pairs keep the per-prompt columns).
 pub fn is_per_sample(name: &str) -> bool {
-    matches!(
-        name,
-        col::SAMPLE_IDX | col::RESPONSE | col::N_TOKENS | col::FINISH_REASON | col::REWARD | "repeat" | "rank"
-    ) || name.starts_with("reward_")
+    matches!(name, col::SAMPLE_IDX | col::RESPONSE | col::N_TOKENS | col::FINISH_REASON | col::REWARD | "repeat" | "rank")
+        || name.starts_with("reward_")
         || name.starts_with("logp_")
 }
 
@@ -136,27 +134,19 @@ impl Need {
 pub fn require(schema: &Schema, input: &str, name: &str, need: Need) -> Result<(), ConfigError> {
     match schema.field_with_name(name) {
         Ok(field) if need.accepts(field.data_type()) => Ok(()),
-        Ok(field) => Err(ConfigError::new(format!(
-            "column `{name}` of input `{input}` must be {}; it is {}",
-            need.describe(),
-            field.data_type()
-        ))),
+        Ok(field) => {
+            Err(ConfigError::new(format!("column `{name}` of input `{input}` must be {}; it is {}", need.describe(), field.data_type())))
+        }
         Err(_) => {
             let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            let hint = crate::error::closest(name, names.iter().copied())
-                .map(|c| format!("; did you mean `{c}`?"))
-                .unwrap_or_default();
-            Err(ConfigError::new(format!(
-                "input `{input}` has no column `{name}`{hint} (it has: {})",
-                names.join(", ")
-            )))
+            let hint = crate::error::closest(name, names.iter().copied()).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
+            Err(ConfigError::new(format!("input `{input}` has no column `{name}`{hint} (it has: {})", names.join(", "))))
         }
     }
 }
 
 fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
-    b.column_by_name(name)
-        .ok_or_else(|| Error::Input(format!("missing column `{name}`")))
+    b.column_by_name(name).ok_or_else(|| Error::Input(format!("missing column `{name}`")))
 }
 
 /// A column as Float64 (cast from any numeric type).
@@ -175,8 +165,7 @@ pub fn str_col(b: &RecordBatch, name: &str) -> Result<StringArray> {
 pub fn u32_col(b: &RecordBatch, name: &str) -> Result<UInt32Array> {
     let src = column(b, name)?;
     let opts = arrow::compute::CastOptions { safe: false, ..Default::default() };
-    let a = arrow::compute::cast_with_options(src, &DataType::UInt32, &opts)
-        .map_err(|e| Error::Input(format!("column `{name}`: {e}")))?;
+    let a = arrow::compute::cast_with_options(src, &DataType::UInt32, &opts).map_err(|e| Error::Input(format!("column `{name}`: {e}")))?;
     let a = a.as_any().downcast_ref::<UInt32Array>().expect("cast to u32").clone();
     if a.null_count() > 0 {
         return Err(Error::Input(format!("column `{name}` has null values")));
@@ -240,7 +229,12 @@ pub fn all_tables() -> Vec<(&'static str, &'static str, Schema, bool)> {
         ("samples", "Prompts + N generated samples each.", Schema::new(samples_fields()), true),
         ("scored", "Samples + reward columns (`reward`, `reward_<name>`).", Schema::new(scored_fields()), true),
         ("rankings", "Repeated rankings of samples (1 = best; ties share the lowest rank).", rankings_schema(), false),
-        ("pairs", "Chosen/rejected pairs from a select stage; strategy columns and per-prompt columns follow.", Schema::new(pairs_fields()), true),
+        (
+            "pairs",
+            "Chosen/rejected pairs from a select stage; strategy columns and per-prompt columns follow.",
+            Schema::new(pairs_fields()),
+            true,
+        ),
         ("lists", "Ranked lists for LiPO (sorted by reward, best first).", Schema::new(lists_fields()), true),
         ("metrics", "Training metrics per optimizer step.", metrics_schema(), false),
     ]

@@ -86,11 +86,7 @@ impl Node {
             Value::Float(f) => serde_json::Number::from_f64(*f).map(J::Number).unwrap_or(J::Null),
             Value::Str(s) => J::String(s.clone()),
             Value::Seq(v) => J::Array(v.iter().map(Node::to_json).collect()),
-            Value::Map(m) => J::Object(
-                m.iter()
-                    .map(|(k, v)| (k.key_string(), v.to_json()))
-                    .collect(),
-            ),
+            Value::Map(m) => J::Object(m.iter().map(|(k, v)| (k.key_string(), v.to_json())).collect()),
         }
     }
 
@@ -110,10 +106,13 @@ impl Node {
         let mut node = self;
         for seg in path {
             let next = match (seg, &node.value) {
-                (PathSeg::Key(k), Value::Map(m)) => m
-                    .iter()
-                    .find(|(key, _)| key.as_str() == Some(k))
-                    .map(|(key, v)| if matches!(v.value, Value::Null) && v.line == 0 { key } else { v }),
+                (PathSeg::Key(k), Value::Map(m)) => m.iter().find(|(key, _)| key.as_str() == Some(k)).map(|(key, v)| {
+                    if matches!(v.value, Value::Null) && v.line == 0 {
+                        key
+                    } else {
+                        v
+                    }
+                }),
                 (PathSeg::Index(i), Value::Seq(v)) => v.get(*i),
                 _ => None,
             };
@@ -146,10 +145,7 @@ pub fn parse(file: &str, text: &str) -> Result<Node, Diagnostic> {
     match serde_saphyr::from_str_with_options::<Node>(text, options()) {
         Ok(n) => Ok(n),
         Err(e) => {
-            let (line, col) = e
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .unwrap_or((0, 0));
+            let (line, col) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
             let msg = one_line(&e.without_snippet().to_string());
             Err(Diagnostic {
                 location: Location { file: file.to_string(), line, col },
@@ -163,9 +159,7 @@ pub fn parse(file: &str, text: &str) -> Result<Node, Diagnostic> {
 /// Parses a `--set` value the way YAML would read it (numbers, bools, strings, lists).
 pub fn parse_scalar(text: &str) -> Node {
     match serde_saphyr::from_str_with_options::<Node>(text, options()) {
-        Ok(n) if !matches!(n.value, Value::Null) || text.trim() == "null" || text.trim() == "~" => {
-            strip_positions(n)
-        }
+        Ok(n) if !matches!(n.value, Value::Null) || text.trim() == "null" || text.trim() == "~" => strip_positions(n),
         _ => Node::new(Value::Str(text.to_string())),
     }
 }
@@ -175,9 +169,7 @@ fn strip_positions(mut n: Node) -> Node {
     n.col = 0;
     n.value = match n.value {
         Value::Seq(v) => Value::Seq(v.into_iter().map(strip_positions).collect()),
-        Value::Map(m) => Value::Map(
-            m.into_iter().map(|(k, v)| (strip_positions(k), strip_positions(v))).collect(),
-        ),
+        Value::Map(m) => Value::Map(m.into_iter().map(|(k, v)| (strip_positions(k), strip_positions(v))).collect()),
         v => v,
     };
     n
@@ -200,11 +192,7 @@ fn one_line(s: &str) -> String {
 impl<'de> Deserialize<'de> for Node {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let sp = serde_saphyr::Spanned::<Value>::deserialize(d)?;
-        Ok(Node {
-            line: sp.referenced.line(),
-            col: sp.referenced.column(),
-            value: sp.value,
-        })
+        Ok(Node { line: sp.referenced.line(), col: sp.referenced.column(), value: sp.value })
     }
 }
 
@@ -307,8 +295,11 @@ mod tests {
         // YAML 1.1 booleans are strings here.
         assert_eq!(parse_scalar("n").value, Value::Str("n".into()));
         assert_eq!(parse_scalar("no").value, Value::Str("no".into()));
-        let n = parse("p.yaml", "n: 4
-").unwrap();
+        let n = parse(
+            "p.yaml", "n: 4
+",
+        )
+        .unwrap();
         assert_eq!(n.get("n").map(|v| v.value.clone()), Some(Value::Int(4)));
     }
 }

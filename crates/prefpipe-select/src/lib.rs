@@ -23,11 +23,11 @@ pub mod corpus;
 pub mod groups;
 pub mod pairs;
 
-pub mod max_min;
-pub mod reward_points;
 pub mod listwise;
 pub mod margin;
+pub mod max_min;
 pub mod repeat_ranking;
+pub mod reward_points;
 pub mod small_margin;
 
 #[cfg(test)]

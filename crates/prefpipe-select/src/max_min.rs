@@ -92,7 +92,8 @@ mod tests {
         // Prompt d: [inf, -1, 0] → inf dropped (1 row), pair (idx 2 > idx 1).
         let ids = ["a", "a", "a", "b", "b", "c", "c", "d", "d", "d"];
         let idx = [0u32, 1, 2, 0, 1, 0, 1, 0, 1, 2];
-        let reward = [Some(f64::NAN), Some(1.0), Some(3.0), None, Some(5.0), Some(2.0), Some(2.0), Some(f64::INFINITY), Some(-1.0), Some(0.0)];
+        let reward =
+            [Some(f64::NAN), Some(1.0), Some(3.0), None, Some(5.0), Some(2.0), Some(2.0), Some(f64::INFINITY), Some(-1.0), Some(0.0)];
         let schema = Arc::new(Schema::new(vec![
             Field::new("prompt_id", DataType::Utf8, false),
             Field::new("prompt", DataType::Utf8, false),

@@ -62,8 +62,7 @@ struct Export {
 impl Export {
     fn as_json(&self, path: &std::path::Path) -> bool {
         self.c.format == ExportFormat::Jsonl
-            || (self.c.format != ExportFormat::Parquet
-                && matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl" | "json")))
+            || (self.c.format != ExportFormat::Parquet && matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl" | "json")))
     }
 }
 
@@ -104,7 +103,10 @@ impl Stage for Export {
         if self.c.format == ExportFormat::Lists {
             for c in ["responses", "rewards"] {
                 if inputs[0].field_with_name(c).map(|f| !matches!(f.data_type(), DataType::List(_))).unwrap_or(true) {
-                    errs.push(ConfigError::at("format", format!("`lists` needs a list column `{c}` (a lists table from `select` with `strategy: listwise`)")));
+                    errs.push(ConfigError::at(
+                        "format",
+                        format!("`lists` needs a list column `{c}` (a lists table from `select` with `strategy: listwise`)"),
+                    ));
                 }
             }
         }
@@ -164,5 +166,8 @@ fn chat(b: &RecordBatch) -> Result<RecordBatch> {
         Field::new("chosen", list_type.clone(), false),
         Field::new("rejected", list_type, false),
     ]));
-    Ok(RecordBatch::try_new(schema, vec![messages("user", "prompt")?, messages("assistant", "chosen")?, messages("assistant", "rejected")?])?)
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![messages("user", "prompt")?, messages("assistant", "chosen")?, messages("assistant", "rejected")?],
+    )?)
 }

@@ -126,7 +126,10 @@ impl Stage for Generate {
         }
         for c in [col::SAMPLE_IDX, col::RESPONSE, col::N_TOKENS, col::FINISH_REASON] {
             if s.field_with_name(c).is_ok() {
-                errs.push(ConfigError::at("input", format!("input `{}` already has a `{c}` column; `generate` reads a prompts table", cx.input_ids[0])));
+                errs.push(ConfigError::at(
+                    "input",
+                    format!("input `{}` already has a `{c}` column; `generate` reads a prompts table", cx.input_ids[0]),
+                ));
             }
         }
         if let Err(e) = self.model.check(cx) {

@@ -15,18 +15,9 @@ pub mod score;
 pub mod select;
 pub mod source;
 pub mod sql;
-pub mod train;
 mod strategy_stage;
+pub mod train;
 
 /// Every stage kind, in the order `prefpipe` documents them.
-pub const KINDS: &[StageKind] = &[
-    source::KIND,
-    generate::KIND,
-    score::KIND,
-    logprob::KIND,
-    select::KIND,
-    filter::KIND,
-    train::KIND,
-    sql::KIND,
-    export::KIND,
-];
+pub const KINDS: &[StageKind] =
+    &[source::KIND, generate::KIND, score::KIND, logprob::KIND, select::KIND, filter::KIND, train::KIND, sql::KIND, export::KIND];

@@ -34,7 +34,12 @@ impl ModelRef {
                 Some(key) => Ok(format!("stage:{}:{key}", p.stage)),
                 None => Err(ConfigError::at(
                     self.field,
-                    format!("{}: is written by stage `{}`, which must run first; list `{}` before this stage", dir.display(), p.stage, p.stage),
+                    format!(
+                        "{}: is written by stage `{}`, which must run first; list `{}` before this stage",
+                        dir.display(),
+                        p.stage,
+                        p.stage
+                    ),
                 )),
             };
         }
@@ -72,10 +77,7 @@ impl ModelRef {
     /// The model, loaded on first use and shared by every chunk of the run.
     pub fn get(&self, cx: &RunCx) -> Result<Arc<Model>> {
         let dir = self.dir(cx);
-        self.loaded
-            .get_or_init(|| Model::load(&dir, &device()).map(Arc::new).map_err(|e| e.to_string()))
-            .clone()
-            .map_err(Error::Input)
+        self.loaded.get_or_init(|| Model::load(&dir, &device()).map(Arc::new).map_err(|e| e.to_string())).clone().map_err(Error::Input)
     }
 }
 

@@ -251,10 +251,7 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![Field::new("prompt_id", DataType::Utf8, false), Field::new("x", DataType::Int64, false)]));
         let b = RecordBatch::try_new(
             schema,
-            vec![
-                Arc::new(StringArray::from(vec!["a", "b", "a", "c", "b"])),
-                Arc::new(arrow::array::Int64Array::from(vec![0, 1, 2, 3, 4])),
-            ],
+            vec![Arc::new(StringArray::from(vec!["a", "b", "a", "c", "b"])), Arc::new(arrow::array::Int64Array::from(vec![0, 1, 2, 3, 4]))],
         )
         .unwrap();
         let chunks = chunk_by_prompt(&b, 2).unwrap();

@@ -42,11 +42,7 @@ struct Sql {
 
 /// Runs a future to completion on a private runtime (DataFusion is async).
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime").block_on(f)
 }
 
 /// A session with one partition: same inputs ⇒ same row order.
@@ -97,9 +93,7 @@ pub fn query_schema(query: &str, tables: &[(String, SchemaRef)]) -> Result<Schem
 /// The planned schema with every column nullable: SQL may produce nulls the
 /// inputs' schemas do not predict.
 fn nullable(s: &Schema) -> SchemaRef {
-    Arc::new(Schema::new(
-        s.fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect::<Vec<_>>(),
-    ))
+    Arc::new(Schema::new(s.fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect::<Vec<_>>()))
 }
 
 impl Stage for Sql {

@@ -15,7 +15,12 @@ pub struct StrategyStage {
 
 /// Splits `strategy:` off the config and builds it from `list`.
 /// `extra` names strategies the stage handles itself (listed in messages).
-pub fn build(v: &serde_json::Value, stage: &str, list: &'static [StrategyKind], extra: &[&'static str]) -> Result<StrategyStage, Vec<ConfigError>> {
+pub fn build(
+    v: &serde_json::Value,
+    stage: &str,
+    list: &'static [StrategyKind],
+    extra: &[&'static str],
+) -> Result<StrategyStage, Vec<ConfigError>> {
     let names: Vec<&str> = list.iter().map(|k| k.name).chain(extra.iter().copied()).collect();
     let mut rest = v.as_object().cloned().unwrap_or_default();
     let Some(name) = rest.remove("strategy") else {
@@ -26,7 +31,10 @@ pub fn build(v: &serde_json::Value, stage: &str, list: &'static [StrategyKind], 
     };
     let Some(kind) = list.iter().find(|k| k.name == name) else {
         let hint = closest(name, names.iter().copied()).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
-        return Err(vec![ConfigError::at("strategy", format!("unknown {stage} strategy `{name}`{hint} (strategies: {})", names.join(", ")))]);
+        return Err(vec![ConfigError::at(
+            "strategy",
+            format!("unknown {stage} strategy `{name}`{hint} (strategies: {})", names.join(", ")),
+        )]);
     };
     let strategy = (kind.build)(&serde_json::Value::Object(rest))?;
     Ok(StrategyStage { name: kind.name, strategy })
