@@ -304,7 +304,7 @@ impl Score {
     /// Raw columns (everything but `reward`) of one batch, and its drop counts.
     fn raw(&self, cx: &RunCx, batch: &RecordBatch, heads: &[Head]) -> Result<Raw> {
         let n = batch.num_rows();
-        let mut cols: Vec<Vec<Option<f64>>> = Vec::new();
+        let mut cols: Vec<Column> = Vec::new();
         let mut entry_at = Vec::new();
         let mut too_long = vec![false; n];
         let mut non_finite = vec![false; n];
@@ -362,7 +362,7 @@ impl Score {
         non_finite: &mut [bool],
         done0: u64,
         total: u64,
-    ) -> Result<(Vec<Option<f64>>, Vec<Vec<Option<f64>>>)> {
+    ) -> Result<(Column, Vec<Column>)> {
         let n = batch.num_rows();
         let nl = head.labels.len();
         let mut reward = vec![None; n];
@@ -375,11 +375,11 @@ impl Score {
         let prompts = str_col(batch, col::PROMPT)?;
         let responses = str_col(batch, col::RESPONSE)?;
         let mut seqs: Vec<(usize, Vec<u32>)> = Vec::with_capacity(n);
-        for r in 0..n {
+        for (r, long) in too_long.iter_mut().enumerate() {
             let mut ids = model.encode_prompt(text_at(&prompts, r).unwrap_or(""), chat).map_err(model_err)?;
             ids.extend(model.encode_response(text_at(&responses, r).unwrap_or("")).map_err(model_err)?);
             if ids.len() > model.max_len() {
-                too_long[r] = true;
+                *long = true;
             } else {
                 seqs.push((r, ids));
             }
@@ -530,6 +530,9 @@ fn aggregate_name(a: Aggregate) -> &'static str {
         Aggregate::ZscoreMean => "zscore_mean",
     }
 }
+
+/// One added column while it is computed (null = no finite value).
+type Column = Vec<Option<f64>>;
 
 /// The non-`reward` added columns of a batch, and why rows hold nulls.
 struct Raw {

@@ -312,7 +312,7 @@ fn key(k: &str) -> PathSeg {
 /// The errors `plan` reports, as (path, message).
 fn plan_errors(config: Value, input: &RecordBatch) -> Vec<(Vec<PathSeg>, String)> {
     let stage = build(config);
-    let errs = plan(stage.as_ref(), &input.schema()).err().expect("plan should fail");
+    let errs = plan(stage.as_ref(), &input.schema()).expect_err("plan should fail");
     errs.into_iter().map(|e| (e.path, e.message)).collect()
 }
 
