@@ -401,17 +401,16 @@ impl Train {
         Ok(examples)
     }
 
-    /// Writes the checkpoint to `<output>` through a temp directory, replacing a previous one.
+    /// Writes the checkpoint to `<output>`: saved into a private temp directory
+    /// beside it, then each file renamed into place (atomic per file, so a
+    /// reader — or a concurrent run — never sees a half-written file). The
+    /// marker goes first: a directory with any of our files in it is ours.
     fn save(&self, trainer: &tr::Trainer, out: &Path, cx: &RunCx) -> Result<()> {
         let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let parent = out.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let tmp = parent.join(format!(".{name}.prefpipe-tmp"));
-        let old = parent.join(format!(".{name}.prefpipe-old"));
-        for d in [&tmp, &old] {
-            if d.exists() {
-                std::fs::remove_dir_all(d).map_err(|e| Error::io(d, e))?;
-            }
+        let tmp = parent.join(format!(".{name}.prefpipe-tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         trainer.save_pretrained(&tmp).map_err(model_err)?;
         let marker = serde_json::json!({
@@ -423,14 +422,16 @@ impl Train {
         });
         let bytes = serde_json::to_vec_pretty(&marker).expect("serializes");
         std::fs::write(tmp.join(MARKER), bytes).map_err(|e| Error::io(&tmp, e))?;
-        if out.exists() {
-            std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let mut files: Vec<String> = std::fs::read_dir(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        files.sort_by_key(|f| (f != MARKER, f.clone()));
+        for f in files {
+            std::fs::rename(tmp.join(&f), out.join(&f)).map_err(|e| Error::io(out.join(&f), e))?;
         }
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        }
-        Ok(())
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))
     }
 }
 
