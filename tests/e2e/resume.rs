@@ -110,8 +110,8 @@ fn a_second_concurrent_run_is_refused() {
     setup(dir.path());
     let mut first = spawn(dir.path());
     // Wait until the first run holds the lock and is working.
-    let t0 = Instant::now();
-    while pairs_chunks_done(dir.path()) == 0 && t0.elapsed() < Duration::from_secs(60) {
+    let deadline = Instant::now() + Duration::from_secs(60); // not a speed check: a hung run must not hang the suite
+    while pairs_chunks_done(dir.path()) == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
     let o = prefpipe(dir.path(), &["run", "pipeline.yaml"]);

@@ -15,11 +15,14 @@ pub struct ModelRef {
     pub field: &'static str,
     pub value: String,
     loaded: OnceLock<std::result::Result<Arc<Model>, String>>,
+    /// The plan-time check's result: `plan` and `fingerprint` both ask, and
+    /// the digest hashes every weight file (a GB for a real model).
+    checked: OnceLock<Result<String, ConfigError>>,
 }
 
 impl ModelRef {
     pub fn new(field: &'static str, value: &str) -> Self {
-        ModelRef { field, value: value.to_string(), loaded: OnceLock::new() }
+        ModelRef { field, value: value.to_string(), loaded: OnceLock::new(), checked: OnceLock::new() }
     }
 
     /// Checks the directory without loading weights (config, tokenizer vs
@@ -27,6 +30,10 @@ impl ModelRef {
     /// an earlier stage writes (a `train` checkpoint) is not read: its digest
     /// is that stage's content key.
     pub fn check(&self, cx: &PlanCx) -> Result<String, ConfigError> {
+        self.checked.get_or_init(|| self.check_uncached(cx)).clone()
+    }
+
+    fn check_uncached(&self, cx: &PlanCx) -> Result<String, ConfigError> {
         let dir = cx.resolve_model(&self.value);
         // A checkpoint a `train` stage of this pipeline writes: nothing to read yet.
         if let Some(p) = cx.producer_of(&dir) {
