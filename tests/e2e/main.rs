@@ -4,6 +4,8 @@ mod bad_input;
 mod cli;
 mod common;
 mod models;
+mod remote;
 mod resume;
 mod score;
+mod servers;
 mod train;

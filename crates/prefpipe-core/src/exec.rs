@@ -51,6 +51,9 @@ pub struct StageReport {
     pub elapsed_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<PathBuf>,
+    /// A remote stage's backend, base URLs, served model and request counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,6 +167,7 @@ fn run_stage(
         drops: m.drops(),
         elapsed_s: t0.elapsed().as_secs_f64(),
         output: m.external.as_ref().map(|e| e.path.clone()),
+        backend: None,
     };
     if m.complete {
         reporter.stage_started(&s.id, &s.kind, "cached", 0);
@@ -182,6 +186,9 @@ fn run_stage(
         scratch: &scratch,
         base_dir: &plan.base_dir,
         models: &plan.models,
+        remotes: &plan.remotes,
+        store_root: &store.root,
+        stage_key: &s.key,
         progress: &progress,
     };
     let per_chunk = match s.mode {
@@ -215,9 +222,12 @@ fn run_stage(
             reporter.progress(&s.id, k, n as u64);
             Ok((c, rec))
         };
+        let window = s.stage.chunk_concurrency(plan.spec.chunk_size).max(1);
         let records: Vec<(usize, ChunkRecord)> = if s.stage.parallel_chunks() {
             use rayon::prelude::*;
             pending.into_par_iter().map(process).collect::<Result<_>>()?
+        } else if window > 1 {
+            in_flight(&pending, window, &process)?
         } else {
             pending.into_iter().map(process).collect::<Result<_>>()?
         };
@@ -266,7 +276,43 @@ fn run_stage(
     m.complete = true;
     store.write_manifest(&m)?;
     let status = if resumed { "resumed" } else { "ran" };
-    Ok((report(&m, status, t0), m))
+    let mut r = report(&m, status, t0);
+    r.backend = s.stage.run_info();
+    Ok((r, m))
+}
+
+/// Runs `pending` chunks with up to `window` in flight, each on its own
+/// thread, taking them in order. On the first error no new chunk starts;
+/// those in flight finish (and are recorded) before the error is returned,
+/// so nothing already received is lost.
+fn in_flight<T: Send>(pending: &[usize], window: usize, process: &(dyn Fn(usize) -> Result<T> + Sync)) -> Result<Vec<T>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: Mutex<Vec<T>> = Mutex::new(Vec::new());
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..window.min(pending.len()) {
+            scope.spawn(|| {
+                while !failed.load(Ordering::SeqCst) {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&c) = pending.get(i) else { break };
+                    match process(c) {
+                        Ok(t) => results.lock().expect("results").push(t),
+                        Err(e) => {
+                            failed.store(true, Ordering::SeqCst);
+                            first_err.lock().expect("error").get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().expect("error") {
+        return Err(e);
+    }
+    Ok(results.into_inner().expect("results"))
 }
 
 /// A stage's batches must match its planned schema (a bug otherwise).

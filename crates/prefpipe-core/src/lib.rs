@@ -9,6 +9,7 @@ pub mod error;
 pub mod exec;
 pub mod io;
 pub mod plan;
+pub mod remote;
 pub mod spec;
 pub mod stage;
 pub mod store;

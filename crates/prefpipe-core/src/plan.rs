@@ -4,9 +4,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use arrow::datatypes::SchemaRef;
 
 use crate::error::{closest, Diagnostic, Error, Result};
+use crate::remote::{RemoteModel, RemoteSpec};
 use crate::spec::{PipelineSpec, StageSpec};
 use crate::stage::{normalize, Arity, ConfigError, Mode, PlanCx, Producer, Stage, StageKind};
 
@@ -16,6 +19,8 @@ pub struct Plan {
     /// Directory relative paths resolve against (the pipeline file's).
     pub base_dir: PathBuf,
     pub models: BTreeMap<String, PathBuf>,
+    /// `models:` entries that are servers (DESIGN §11).
+    pub remotes: BTreeMap<String, Arc<RemoteModel>>,
     /// Stages in run order (inputs before the stages that read them).
     pub stages: Vec<PlannedStage>,
 }
@@ -99,6 +104,7 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
             (k.clone(), if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) })
         })
         .collect();
+    let remotes = remote_models(&spec, base_dir, &mut errs);
 
     // 1. Kinds and typed configs.
     let ids: HashMap<&str, usize> = spec.stages.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
@@ -170,7 +176,7 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
         let Some((stage, _)) = b else { continue };
         let input_ids: Vec<String> = s.inputs.iter().map(|(id, _)| id.clone()).collect();
         let none = BTreeMap::new();
-        let cx = PlanCx { base_dir, models: &models, input_ids: &input_ids, produced: &none };
+        let cx = PlanCx { base_dir, models: &models, remotes: &remotes, input_ids: &input_ids, produced: &none };
         if let Some(dir) = stage.model_output(&cx) {
             produced.insert(normalize(&dir), Producer { stage: s.id.clone(), key: None });
         }
@@ -186,7 +192,7 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
             continue;
         }
         let input_ids: Vec<String> = s.inputs.iter().map(|(id, _)| id.clone()).collect();
-        let cx = PlanCx { base_dir, models: &models, input_ids: &input_ids, produced: &produced };
+        let cx = PlanCx { base_dir, models: &models, remotes: &remotes, input_ids: &input_ids, produced: &produced };
         let in_schemas: Vec<SchemaRef> = deps[i].iter().map(|&j| planned[j].as_ref().unwrap().schema.clone()).collect();
         let schema = match stage.plan(&cx, &in_schemas) {
             Ok(s) => s,
@@ -248,7 +254,43 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
         p.inputs = p.inputs.iter().map(|j| pos[j]).collect();
         stages.push(p);
     }
-    Ok(Plan { spec, base_dir: base_dir.to_path_buf(), models, stages })
+    Ok(Plan { spec, base_dir: base_dir.to_path_buf(), models, remotes, stages })
+}
+
+/// The `models:` entries that name servers, typed and checked (URLs, the
+/// environment variables they name); problems are located inside the entry.
+fn remote_models(spec: &PipelineSpec, base_dir: &Path, errs: &mut Vec<Diagnostic>) -> BTreeMap<String, Arc<RemoteModel>> {
+    let mut out = BTreeMap::new();
+    for (name, node) in &spec.remotes {
+        let located = |e: crate::stage::ConfigError| Diagnostic {
+            location: if e.message.starts_with("unknown field") { node.locate_key(&e.path) } else { node.locate(&e.path) }
+                .location(&spec.file),
+            stage: None,
+            message: format!("model `{name}`: {}", e.message),
+        };
+        // A broken entry stays a server (not a path) so stages report nothing more about it.
+        let broken = || {
+            let spec: RemoteSpec = serde_json::from_value(serde_json::json!({"backend": "openai"})).expect("a minimal spec");
+            Arc::new(RemoteModel { name: name.clone(), spec, tokenizer: None, invalid: true })
+        };
+        let rs: RemoteSpec = match crate::stage::from_config(&node.to_json()) {
+            Ok(r) => r,
+            Err(es) => {
+                errs.extend(es.into_iter().map(located));
+                out.insert(name.clone(), broken());
+                continue;
+            }
+        };
+        let problems = rs.validate();
+        if !problems.is_empty() {
+            errs.extend(problems.into_iter().map(located));
+            out.insert(name.clone(), broken());
+            continue;
+        }
+        let tokenizer = rs.tokenizer.as_deref().map(|t| crate::stage::resolve(base_dir, t));
+        out.insert(name.clone(), Arc::new(RemoteModel { name: name.clone(), spec: rs, tokenizer, invalid: false }));
+    }
+    out
 }
 
 /// Kahn's algorithm, ties by file order; Err(a cycle) if there is one.

@@ -26,6 +26,8 @@ pub struct PipelineSpec {
     pub chunk_size: usize,
     /// `models:` name → path as written, with the value's node.
     pub models: BTreeMap<String, (String, Node)>,
+    /// `models:` entries that name a server (a mapping, DESIGN §11), checked by the plan.
+    pub remotes: BTreeMap<String, Node>,
     pub stages: Vec<StageSpec>,
     /// blake3 of the file's bytes (for run.json).
     pub text_hash: String,
@@ -138,6 +140,7 @@ fn from_node(file: &str, root: &Node, default_name: String, errs: &mut Vec<Diagn
         },
     };
     let mut models = BTreeMap::new();
+    let mut remotes = BTreeMap::new();
     if let Some(m) = root.get("models") {
         match m.as_map() {
             Some(entries) => {
@@ -146,7 +149,15 @@ fn from_node(file: &str, root: &Node, default_name: String, errs: &mut Vec<Diagn
                         (Some(k), Some(p)) => {
                             models.insert(k.to_string(), (p.to_string(), v.clone()));
                         }
-                        _ => errs.push(at(v, None, "`models` maps a name to a model directory or file path (a string)".into())),
+                        (Some(k), None) if v.as_map().is_some() => {
+                            remotes.insert(k.to_string(), v.clone());
+                        }
+                        _ => errs.push(at(
+                            v,
+                            None,
+                            "`models` maps a name to a model directory or file path (a string), or to a server (a mapping with `backend: openai`)"
+                                .into(),
+                        )),
                     }
                 }
             }
@@ -177,7 +188,7 @@ fn from_node(file: &str, root: &Node, default_name: String, errs: &mut Vec<Diagn
             _ => errs.push(at(n, None, format!("`stages` must be a list; found {}", n.type_name()))),
         },
     }
-    Some(PipelineSpec { file: file.to_string(), name, seed, chunk_size, models, stages, text_hash: String::new() })
+    Some(PipelineSpec { file: file.to_string(), name, seed, chunk_size, models, remotes, stages, text_hash: String::new() })
 }
 
 fn stage_from_node(file: &str, item: &Node, errs: &mut Vec<Diagnostic>) -> Option<StageSpec> {

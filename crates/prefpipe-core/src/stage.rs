@@ -11,6 +11,7 @@ use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
 use crate::error::Result;
+use crate::remote::RemoteModel;
 use crate::yaml::PathSeg;
 
 /// How the executor feeds a stage and stores what it returns.
@@ -54,6 +55,8 @@ pub struct PlanCx<'a> {
     pub base_dir: &'a Path,
     /// `models:` of the pipeline, name → path (already resolved).
     pub models: &'a BTreeMap<String, PathBuf>,
+    /// `models:` entries that are servers (DESIGN §11), by name.
+    pub remotes: &'a BTreeMap<String, Arc<RemoteModel>>,
     /// Ids of this stage's inputs, in order.
     pub input_ids: &'a [String],
     /// Model directories written by stages of this pipeline (train
@@ -100,6 +103,10 @@ impl PlanCx<'_> {
     pub fn resolve_model(&self, m: &str) -> PathBuf {
         resolve_model(self.base_dir, self.models, m)
     }
+    /// The server a `model:` value names, when it names one.
+    pub fn remote(&self, m: &str) -> Option<&Arc<RemoteModel>> {
+        self.remotes.get(m)
+    }
 
     /// The stage of this pipeline that writes model directory `dir` (see
     /// [`Stage::model_output`]), if any; a stage that reads such a model
@@ -116,6 +123,10 @@ impl RunCx<'_> {
     }
     pub fn resolve_model(&self, m: &str) -> PathBuf {
         resolve_model(self.base_dir, self.models, m)
+    }
+    /// The server a `model:` value names, when it names one.
+    pub fn remote(&self, m: &str) -> Option<&Arc<RemoteModel>> {
+        self.remotes.get(m)
     }
 }
 
@@ -164,6 +175,11 @@ pub struct RunCx<'a> {
     pub scratch: &'a Path,
     pub base_dir: &'a Path,
     pub models: &'a BTreeMap<String, PathBuf>,
+    pub remotes: &'a BTreeMap<String, Arc<RemoteModel>>,
+    /// The store's root: `requests/` (the request cache, DESIGN §11) lives there.
+    pub store_root: &'a Path,
+    /// This stage's content key.
+    pub stage_key: &'a str,
     /// Reports progress of long stages (units done, units total).
     pub progress: &'a (dyn Fn(u64, u64) + Sync),
 }
@@ -221,6 +237,19 @@ pub trait Stage: Send + Sync {
     /// already use every thread inside one chunk).
     fn parallel_chunks(&self) -> bool {
         false
+    }
+
+    /// How many chunks may be in flight at once (each on its own thread).
+    /// Remote stages return more than 1 so the servers never idle while a
+    /// chunk waits for its slowest request (DESIGN §11 "Throughput").
+    fn chunk_concurrency(&self, _chunk_size: usize) -> usize {
+        1
+    }
+
+    /// What the stage reports in `run.json` after running (a remote stage:
+    /// backend, base URLs, served model, request counts).
+    fn run_info(&self) -> Option<serde_json::Value> {
+        None
     }
 
     /// Whether outputs keep all rows of a prompt in one chunk.

@@ -26,6 +26,7 @@
 //! rewards with transformers for the tiny models in `data-samples/models/`
 //! ([`write_fixture`]); `tests/golden.rs` matches them within 1e-4 relative.
 
+pub mod codec;
 pub mod config;
 pub mod decoder;
 pub mod error;
@@ -37,6 +38,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use candle_core::Device;
+pub use codec::Codec;
 pub use config::{Family, HeadKind, ModelConfig};
 pub use error::{Error, Result};
 pub use fixture::{write_fixture, write_reward_fixture};

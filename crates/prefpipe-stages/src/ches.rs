@@ -39,7 +39,7 @@ impl Stage for ChesStage {
         let ins: Vec<Input> = cx.input_ids.iter().zip(inputs).map(|(id, s)| Input { id, schema: s.as_ref() }).collect();
         let mut errs = Vec::new();
         let schema = self.c.plan(&ins).map_err(|e| errs.extend(e)).ok();
-        if let Err(e) = self.model.check(cx) {
+        if let Err(e) = self.model.check_for(cx, crate::backend::Uses::Hidden) {
             errs.push(e);
         }
         match schema {
@@ -49,7 +49,7 @@ impl Stage for ChesStage {
     }
 
     fn fingerprint(&self, cx: &PlanCx) -> Result<Vec<u8>, ConfigError> {
-        Ok(self.model.check(cx)?.into_bytes())
+        Ok(self.model.check_for(cx, crate::backend::Uses::Hidden)?.into_bytes())
     }
 
     fn run(&self, cx: &RunCx, inputs: &[Table]) -> Result<Output> {

@@ -1,4 +1,5 @@
-//! `generate`: N sampled responses per prompt from a decoder model (candle).
+//! `generate`: N sampled responses per prompt from a policy model, in-process
+//! (candle) or on a server (DESIGN §11), through [`crate::backend`].
 //!
 //! Each sample's randomness comes from (pipeline seed or `seed`, stage id,
 //! prompt_id, sample_idx) alone, so outputs do not depend on batch size,
@@ -13,10 +14,10 @@ use arrow::record_batch::RecordBatch;
 use prefpipe_core::stage::{from_config, Arity, ConfigError, Mode, Output, PlanCx, RunCx, Stage, StageKind, Table};
 use prefpipe_core::table::{self, col, str_col, Need};
 use prefpipe_core::Result;
-use prefpipe_models::SamplingParams;
 use serde::{Deserialize, Serialize};
 
-use crate::model_ref::{model_err, sample_seed, ModelRef};
+use crate::backend::{GenJob, GenParams, Row, Uses};
+use crate::model_ref::{sample_seed, ModelRef};
 
 pub const KIND: StageKind = StageKind {
     name: "generate",
@@ -132,7 +133,7 @@ impl Stage for Generate {
                 ));
             }
         }
-        if let Err(e) = self.model.check(cx) {
+        if let Err(e) = self.model.check_for(cx, Uses::Generate) {
             errs.push(e);
         }
         if !errs.is_empty() {
@@ -150,54 +151,70 @@ impl Stage for Generate {
     }
 
     fn fingerprint(&self, cx: &PlanCx) -> Result<Vec<u8>, ConfigError> {
-        Ok(self.model.check(cx)?.into_bytes())
+        Ok(self.model.check_for(cx, Uses::Generate)?.into_bytes())
+    }
+
+    fn chunk_concurrency(&self, chunk_size: usize) -> usize {
+        self.model.slots().map_or(1, |slots| overlap(slots, chunk_size * self.c.n as usize))
+    }
+
+    fn run_info(&self) -> Option<serde_json::Value> {
+        self.model.made().and_then(|b| b.run_info())
     }
 
     fn run(&self, cx: &RunCx, inputs: &[Table]) -> Result<Output> {
         let input = inputs[0].read_one()?;
-        let model = self.model.get(cx)?;
+        let backend = self.model.backend(cx);
         let ids = str_col(&input, col::PROMPT_ID)?;
         let prompts = str_col(&input, col::PROMPT)?;
         let seed = self.c.seed.unwrap_or(cx.seed);
         let mut out = Output::default();
 
-        // (row, sample_idx, prompt ids, seed) for every prompt that fits the context.
-        let mut jobs: Vec<(u32, u32, Arc<Vec<u32>>, u64)> = Vec::new();
+        let mut jobs: Vec<GenJob> = Vec::with_capacity(input.num_rows() * self.c.n as usize);
+        let mut rows: Vec<u32> = Vec::with_capacity(jobs.capacity());
         for r in 0..input.num_rows() {
-            let p = model.encode_prompt(prompts.value(r), self.c.chat_template).map_err(model_err)?;
-            if p.len() >= model.max_len() {
-                out.drop("prompt_too_long", 1);
-                continue;
-            }
-            let p = Arc::new(p);
             for s in 0..self.c.n {
-                jobs.push((r as u32, s, p.clone(), sample_seed(seed, cx.stage_id, ids.value(r), s)));
+                let (prompt_id, prompt) = (ids.value(r), prompts.value(r));
+                jobs.push(GenJob { prompt_id, sample_idx: s, prompt, seed: sample_seed(seed, cx.stage_id, prompt_id, s) });
+                rows.push(r as u32);
             }
         }
-        let params = SamplingParams {
+        let params = GenParams {
             temperature: self.c.temperature,
             top_p: self.c.top_p,
             top_k: self.c.top_k,
             min_p: self.c.min_p,
             max_new_tokens: self.c.max_new_tokens,
-            stop_strings: self.c.stop.clone(),
+            stop: self.c.stop.clone(),
+            chat_template: self.c.chat_template,
+            batch_size: self.c.batch_size,
         };
-        let mut texts = Vec::with_capacity(jobs.len());
-        let mut n_tokens = Vec::with_capacity(jobs.len());
-        let mut finish = Vec::with_capacity(jobs.len());
-        for (done, batch) in jobs.chunks(self.c.batch_size).enumerate() {
-            let ps: Vec<Vec<u32>> = batch.iter().map(|j| j.2.as_ref().clone()).collect();
-            let seeds: Vec<u64> = batch.iter().map(|j| j.3).collect();
-            for g in model.generate(&ps, &params, &seeds).map_err(model_err)? {
-                texts.push(g.text);
-                n_tokens.push(g.n_tokens as u32);
-                finish.push(g.finish_reason.as_str());
+        let results = backend.generate(cx, "samples", &jobs, &params)?;
+        let mut kept_rows = Vec::with_capacity(jobs.len());
+        let (mut sample_idx, mut texts, mut n_tokens, mut finish) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // A prompt with any sample dropped for its length is dropped whole (one count per prompt).
+        let mut dropped_prompt: Option<u32> = None;
+        for ((job, &row), res) in jobs.iter().zip(&rows).zip(results) {
+            match res {
+                Row::Ok(g) => {
+                    kept_rows.push(row);
+                    sample_idx.push(job.sample_idx);
+                    texts.push(g.text);
+                    n_tokens.push(g.n_tokens);
+                    finish.push(g.finish_reason);
+                }
+                Row::Drop(reason) if reason == "prompt_too_long" => {
+                    if dropped_prompt != Some(row) {
+                        out.drop(reason, 1);
+                        dropped_prompt = Some(row);
+                    }
+                }
+                Row::Drop(reason) => out.drop(reason, 1),
             }
-            (cx.progress)(((done + 1) * self.c.batch_size).min(jobs.len()) as u64, jobs.len() as u64);
         }
-        let rows = UInt32Array::from(jobs.iter().map(|j| j.0).collect::<Vec<_>>());
-        let mut cols: Vec<ArrayRef> = input.columns().iter().map(|a| take(a, &rows, None)).collect::<std::result::Result<_, _>>()?;
-        cols.push(Arc::new(UInt32Array::from(jobs.iter().map(|j| j.1).collect::<Vec<_>>())));
+        let take_rows = UInt32Array::from(kept_rows);
+        let mut cols: Vec<ArrayRef> = input.columns().iter().map(|a| take(a, &take_rows, None)).collect::<std::result::Result<_, _>>()?;
+        cols.push(Arc::new(UInt32Array::from(sample_idx)));
         cols.push(Arc::new(StringArray::from(texts)));
         cols.push(Arc::new(UInt32Array::from(n_tokens)));
         cols.push(Arc::new(StringArray::from(finish)));
@@ -205,6 +222,13 @@ impl Stage for Generate {
         out.batches.push(RecordBatch::try_new(schema, cols)?);
         Ok(out)
     }
+}
+
+/// Chunks in flight so that `slots` requests stay busy while one chunk
+/// (`per_chunk` requests) waits for its slowest answer: enough queued work for
+/// twice the slots, plus the chunk in its tail.
+pub fn overlap(slots: usize, per_chunk: usize) -> usize {
+    (2 * slots).div_ceil(per_chunk.max(1)).clamp(1, 64) + 1
 }
 
 impl Generate {

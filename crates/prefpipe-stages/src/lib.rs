@@ -4,6 +4,7 @@
 
 use prefpipe_core::stage::StageKind;
 
+pub mod backend;
 mod ches;
 pub mod export;
 pub mod filter;

@@ -11,10 +11,10 @@ use arrow::record_batch::RecordBatch;
 use prefpipe_core::stage::{from_config, Arity, ConfigError, Mode, Output, PlanCx, RunCx, Stage, StageKind, Table};
 use prefpipe_core::table::{self, col, str_col, Need};
 use prefpipe_core::Result;
-use prefpipe_models::Model;
 use serde::{Deserialize, Serialize};
 
-use crate::model_ref::{model_err, ModelRef};
+use crate::backend::{Pair, PairOpts, Row, Uses};
+use crate::model_ref::ModelRef;
 
 pub const KIND: StageKind = StageKind {
     name: "logprob",
@@ -72,15 +72,6 @@ impl Logprob {
     }
 }
 
-/// Sum log-probs for `pairs` in batches of `bs`.
-fn score(model: &Model, pairs: &[(Vec<u32>, Vec<u32>)], bs: usize) -> Result<Vec<f64>> {
-    let mut out = Vec::with_capacity(pairs.len());
-    for b in pairs.chunks(bs) {
-        out.extend(model.logprobs(b).map_err(model_err)?);
-    }
-    Ok(out)
-}
-
 impl Stage for Logprob {
     fn mode(&self) -> Mode {
         Mode::PerChunk
@@ -102,7 +93,7 @@ impl Stage for Logprob {
             }
         }
         for m in std::iter::once(&self.model).chain(self.reference.as_ref()) {
-            if let Err(e) = m.check(cx) {
+            if let Err(e) = m.check_for(cx, Uses::Logprob) {
                 errs.push(e);
             }
         }
@@ -113,56 +104,79 @@ impl Stage for Logprob {
     }
 
     fn fingerprint(&self, cx: &PlanCx) -> Result<Vec<u8>, ConfigError> {
-        let mut f = self.model.check(cx)?.into_bytes();
+        let mut f = self.model.check_for(cx, Uses::Logprob)?.into_bytes();
         if let Some(r) = &self.reference {
-            f.extend(r.check(cx)?.into_bytes());
+            f.extend(r.check_for(cx, Uses::Logprob)?.into_bytes());
         }
         Ok(f)
     }
 
+    fn chunk_concurrency(&self, chunk_size: usize) -> usize {
+        let slots = self.models().filter_map(ModelRef::slots).max();
+        // A chunk is `chunk_size` prompts of a few samples each.
+        slots.map_or(1, |s| crate::generate::overlap(s, chunk_size * 4))
+    }
+
+    fn run_info(&self) -> Option<serde_json::Value> {
+        let infos: Vec<serde_json::Value> = self.models().filter_map(|m| m.made().and_then(|b| b.run_info())).collect();
+        (!infos.is_empty()).then(|| if infos.len() == 1 { infos[0].clone() } else { serde_json::Value::Array(infos) })
+    }
+
     fn run(&self, cx: &RunCx, inputs: &[Table]) -> Result<Output> {
         let input = inputs[0].read_one()?;
+        let ids = str_col(&input, col::PROMPT_ID).ok();
         let prompts = str_col(&input, col::PROMPT)?;
         let responses = str_col(&input, col::RESPONSE)?;
         let mut out = Output::default();
-        let policy = self.model.get(cx)?;
-        let reference = self.reference.as_ref().map(|r| r.get(cx)).transpose()?;
-        // Tokenize once per model (the reference may use another tokenizer).
-        let encode = |m: &Model| -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-            (0..input.num_rows())
-                .map(|r| {
-                    Ok((
-                        m.encode_prompt(prompts.value(r), self.c.chat_template).map_err(model_err)?,
-                        m.encode_response(responses.value(r)).map_err(model_err)?,
-                    ))
-                })
-                .collect()
-        };
-        let pol_pairs = encode(&policy)?;
-        let ref_pairs = reference.as_deref().map(encode).transpose()?;
-        // Rows too long for either model's context are dropped and counted.
-        let fits = |m: &Model, p: &(Vec<u32>, Vec<u32>)| p.0.len() + p.1.len() <= m.max_len();
-        let keep: Vec<u32> = (0..input.num_rows())
-            .filter(|&r| fits(&policy, &pol_pairs[r]) && ref_pairs.as_ref().is_none_or(|rp| fits(reference.as_ref().expect("ref"), &rp[r])))
-            .map(|r| r as u32)
+        let pairs: Vec<Pair> = (0..input.num_rows())
+            .map(|r| Pair { prompt_id: ids.as_ref().map_or("", |a| a.value(r)), prompt: prompts.value(r), response: responses.value(r) })
             .collect();
-        out.drop("too_long", (input.num_rows() - keep.len()) as u64);
-        let pick = |pairs: &[(Vec<u32>, Vec<u32>)]| keep.iter().map(|&r| pairs[r as usize].clone()).collect::<Vec<_>>();
-        let pol_kept = pick(&pol_pairs);
-        let lp = score(&policy, &pol_kept, self.c.batch_size)?;
+        let opts = PairOpts { chat_template: self.c.chat_template, batch_size: self.c.batch_size };
+        // Each model tokenizes for itself (the reference may use another tokenizer).
+        let policy = self.model.backend(cx).logprobs(cx, "policy", &pairs, opts)?;
         (cx.progress)(1, 2);
-        let idx = UInt32Array::from(keep.clone());
+        let reference = match &self.reference {
+            Some(r) => Some(r.backend(cx).logprobs(cx, "reference", &pairs, opts)?),
+            None => None,
+        };
+        (cx.progress)(2, 2);
+        // Rows either model drops (too long for its context, a failed request) are dropped and counted.
+        let mut keep: Vec<u32> = Vec::new();
+        let (mut lp, mut lr, mut nt) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..input.num_rows() {
+            let refr = reference.as_ref().map(|v| &v[r]);
+            match (&policy[r], refr) {
+                (Row::Ok((p, n)), None) => {
+                    keep.push(r as u32);
+                    lp.push(*p);
+                    nt.push(*n);
+                }
+                (Row::Ok((p, n)), Some(Row::Ok((q, _)))) => {
+                    keep.push(r as u32);
+                    lp.push(*p);
+                    lr.push(*q);
+                    nt.push(*n);
+                }
+                (Row::Drop(why), _) | (_, Some(Row::Drop(why))) => out.drop(why, 1),
+            }
+        }
+        let idx = UInt32Array::from(keep);
         let mut cols: Vec<ArrayRef> = input.columns().iter().map(|a| take(a, &idx, None)).collect::<std::result::Result<_, _>>()?;
         cols.push(Arc::new(Float64Array::from(lp)));
-        if let (Some(m), Some(rp)) = (&reference, &ref_pairs) {
-            cols.push(Arc::new(Float64Array::from(score(m, &pick(rp), self.c.batch_size)?)));
+        if self.reference.is_some() {
+            cols.push(Arc::new(Float64Array::from(lr)));
         }
         if input.schema().field_with_name(col::N_TOKENS).is_err() {
-            cols.push(Arc::new(UInt32Array::from(pol_kept.iter().map(|p| p.1.len() as u32).collect::<Vec<_>>())));
+            cols.push(Arc::new(UInt32Array::from(nt)));
         }
-        (cx.progress)(2, 2);
         let schema = table::with_fields(&input.schema(), self.added(&input.schema()));
         out.batches.push(RecordBatch::try_new(schema, cols)?);
         Ok(out)
+    }
+}
+
+impl Logprob {
+    fn models(&self) -> impl Iterator<Item = &ModelRef> {
+        std::iter::once(&self.model).chain(self.reference.as_ref())
     }
 }

@@ -1,6 +1,7 @@
 //! Shared by the stages that run a model: plan-time checks that read no
-//! weights into memory (config, tokenizer, digest), and a lazily loaded model
-//! that lives as long as the run.
+//! weights into memory (config, tokenizer, digest), and the model's
+//! [`Backend`] — in-process or a server — made on first use and kept for
+//! the run.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -9,12 +10,19 @@ use prefpipe_core::stage::{ConfigError, PlanCx, RunCx};
 use prefpipe_core::{Error, Result};
 use prefpipe_models::{Device, Model, ModelConfig, TextTokenizer};
 
+use crate::backend::local::Local;
+use crate::backend::openai::{refuses, Remote};
+use crate::backend::{Backend, Uses};
+
 /// A `model:` value of a stage: a name from `models:` or a path.
 pub struct ModelRef {
     /// The YAML field it came from (for error positions).
     pub field: &'static str,
     pub value: String,
-    loaded: OnceLock<std::result::Result<Arc<Model>, String>>,
+    local: OnceLock<Arc<Local>>,
+    backend: OnceLock<Arc<dyn Backend>>,
+    /// A server's request slots (max_concurrency × base URLs), known once planned.
+    slots: OnceLock<usize>,
     /// The plan-time check's result: `plan` and `fingerprint` both ask, and
     /// the digest hashes every weight file (a GB for a real model).
     checked: OnceLock<Result<String, ConfigError>>,
@@ -22,7 +30,58 @@ pub struct ModelRef {
 
 impl ModelRef {
     pub fn new(field: &'static str, value: &str) -> Self {
-        ModelRef { field, value: value.to_string(), loaded: OnceLock::new(), checked: OnceLock::new() }
+        ModelRef { field, value: value.to_string(), local: OnceLock::new(), backend: OnceLock::new(), slots: OnceLock::new(), checked: OnceLock::new() }
+    }
+
+    /// Checks that the model can serve `need` and returns its digest for the
+    /// stage key: a local directory's (see [`ModelRef::check`]) or a server's
+    /// identity (served name, revision, tokenizer files) — never a URL or key.
+    pub fn check_for(&self, cx: &PlanCx, need: Uses) -> Result<String, ConfigError> {
+        let Some(m) = cx.remote(&self.value) else { return self.check(cx) };
+        if m.invalid {
+            return Ok(String::new()); // its errors are reported at the entry
+        }
+        if let Some(why) = refuses(m, need) {
+            return Err(ConfigError::at(self.field, why));
+        }
+        self.slots.get_or_init(|| m.spec.max_concurrency * m.spec.urls().len().max(1));
+        let mut id = m.spec.identity();
+        if let Some(dir) = &m.tokenizer {
+            let at = |e: String| ConfigError::at(self.field, format!("model `{}`: tokenizer {}: {e}", m.name, dir.display()));
+            prefpipe_models::Codec::load(dir).map_err(|e| at(e.to_string()))?;
+            for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+                let p = dir.join(f);
+                if p.is_file() {
+                    id.push(':');
+                    id.push_str(&prefpipe_core::io::file_digest(&p).map_err(|e| at(e.to_string()))?);
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    /// The model's backend, made on first use (a local model loads on its first call).
+    pub fn backend(&self, cx: &RunCx) -> Arc<dyn Backend> {
+        self.backend
+            .get_or_init(|| match cx.remote(&self.value) {
+                Some(m) => Arc::new(Remote::new(m.clone())),
+                None => self.local(cx),
+            })
+            .clone()
+    }
+
+    /// A planned server's request slots; `None` for a local model.
+    pub fn slots(&self) -> Option<usize> {
+        self.slots.get().copied()
+    }
+
+    /// The backend if one was made (for run.json after the run).
+    pub fn made(&self) -> Option<&Arc<dyn Backend>> {
+        self.backend.get()
+    }
+
+    fn local(&self, cx: &RunCx) -> Arc<Local> {
+        self.local.get_or_init(|| Arc::new(Local::new(self.dir(cx)))).clone()
     }
 
     /// Checks the directory without loading weights (config, tokenizer vs
@@ -34,6 +93,9 @@ impl ModelRef {
     }
 
     fn check_uncached(&self, cx: &PlanCx) -> Result<String, ConfigError> {
+        if cx.remote(&self.value).is_some() {
+            return Err(ConfigError::at(self.field, format!("model `{}` is a server; this stage needs it in-process", self.value)));
+        }
         let dir = cx.resolve_model(&self.value);
         // A checkpoint a `train` stage of this pipeline writes: nothing to read yet.
         if let Some(p) = cx.producer_of(&dir) {
@@ -81,10 +143,13 @@ impl ModelRef {
         cx.resolve_model(&self.value)
     }
 
-    /// The model, loaded on first use and shared by every chunk of the run.
+    /// The in-process model (stages that need it in-process: ches, train),
+    /// loaded on first use and shared by every chunk of the run.
     pub fn get(&self, cx: &RunCx) -> Result<Arc<Model>> {
-        let dir = self.dir(cx);
-        self.loaded.get_or_init(|| Model::load(&dir, &device()).map(Arc::new).map_err(|e| e.to_string())).clone().map_err(Error::Input)
+        if cx.remote(&self.value).is_some() {
+            return Err(Error::Input(format!("model `{}` is a server; this stage needs it in-process", self.value)));
+        }
+        self.local(cx).model()
     }
 }
 

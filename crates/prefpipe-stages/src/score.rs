@@ -48,7 +48,9 @@ use prefpipe_models::{HeadKind, ModelConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::model_ref::{model_err, ModelRef};
+use crate::backend::{Pair, PairOpts, Row, Uses};
+use crate::model_ref::ModelRef;
+use prefpipe_core::remote::RemoteModel;
 use crate::rules::{at_rule, Compiled, RowText};
 pub use crate::rules::{ContainsRule, ExactMatch, LengthRule, LengthUnit, Normalize, RegexRule, Rule};
 
@@ -261,9 +263,18 @@ impl Score {
     /// Checks reward model `i`'s directory (config, tokenizer, head, labels)
     /// without loading weights; returns its head and digest.
     fn check_model(&self, cx: &PlanCx, i: usize) -> Result<(Head, String), ConfigError> {
-        let digest = self.models[i].check(cx).map_err(|e| at_rm(i, "model", e.message))?;
-        let dir = cx.resolve_model(&self.models[i].value);
-        let head = resolve_head(&dir, &self.c.reward_models[i]).map_err(|(field, msg)| at_rm(i, field, msg))?;
+        let digest = self.models[i].check_for(cx, Uses::Score).map_err(|e| at_rm(i, "model", e.message))?;
+        let remote = cx.remote(&self.models[i].value);
+        if let Some(m) = remote {
+            if self.c.reward_models[i].chat_template && m.tokenizer.is_none() {
+                return Err(at_rm(
+                    i,
+                    "chat_template",
+                    format!("model `{}`: `chat_template: true` on a server needs `tokenizer:` (the reward model's template renders here)", m.name),
+                ));
+            }
+        }
+        let head = head_of(remote, &cx.resolve_model(&self.models[i].value), &self.c.reward_models[i]).map_err(|(field, msg)| at_rm(i, field, msg))?;
         Ok((head, digest))
     }
 
@@ -308,9 +319,10 @@ impl Score {
         let mut entry_at = Vec::new();
         let mut too_long = vec![false; n];
         let mut non_finite = vec![false; n];
+        let mut other = BTreeMap::new();
         let total = (n * self.models.len()) as u64;
         for (i, head) in heads.iter().enumerate() {
-            let (reward, labels) = self.score_model(cx, i, head, batch, &mut too_long, &mut non_finite, (i * n) as u64, total)?;
+            let (reward, labels) = self.score_model(cx, i, head, batch, &mut too_long, &mut non_finite, &mut other, (i * n) as u64, total)?;
             entry_at.push(cols.len());
             cols.push(reward);
             if head.labels.len() > 1 {
@@ -340,7 +352,7 @@ impl Score {
             entry_at.push(cols.len());
             cols.push(values);
         }
-        let mut drops = BTreeMap::new();
+        let mut drops = other;
         for (reason, flags) in [("too_long", &too_long), ("non_finite_reward", &non_finite)] {
             let k = flags.iter().filter(|&&f| f).count() as u64;
             if k > 0 {
@@ -360,6 +372,7 @@ impl Score {
         batch: &RecordBatch,
         too_long: &mut [bool],
         non_finite: &mut [bool],
+        other: &mut BTreeMap<String, u64>,
         done0: u64,
         total: u64,
     ) -> Result<(Column, Vec<Column>)> {
@@ -370,51 +383,54 @@ impl Score {
         if n == 0 {
             return Ok((reward, labels));
         }
-        let model = self.models[i].get(cx)?;
         let chat = self.c.reward_models[i].chat_template;
+        let ids = str_col(batch, col::PROMPT_ID).ok();
         let prompts = str_col(batch, col::PROMPT)?;
         let responses = str_col(batch, col::RESPONSE)?;
-        let mut seqs: Vec<(usize, Vec<u32>)> = Vec::with_capacity(n);
-        for (r, long) in too_long.iter_mut().enumerate() {
-            let mut ids = model.encode_prompt(text_at(&prompts, r).unwrap_or(""), chat).map_err(model_err)?;
-            ids.extend(model.encode_response(text_at(&responses, r).unwrap_or("")).map_err(model_err)?);
-            if ids.len() > model.max_len() {
-                *long = true;
+        let pairs: Vec<Pair> = (0..n)
+            .map(|r| Pair {
+                prompt_id: ids.as_ref().and_then(|a| text_at(a, r)).unwrap_or(""),
+                prompt: text_at(&prompts, r).unwrap_or(""),
+                response: text_at(&responses, r).unwrap_or(""),
+            })
+            .collect();
+        let progress = |done: u64, _: u64| (cx.progress)(done0 + done, total);
+        let sub = RunCx { progress: &progress, ..*cx };
+        let tag = format!("rm{i}");
+        let results = self.models[i].backend(cx).scores(&sub, &tag, &pairs, PairOpts { chat_template: chat, batch_size: self.c.batch_size })?;
+        for (r, res) in results.into_iter().enumerate() {
+            let s = match res {
+                Row::Ok(s) => s,
+                Row::Drop("too_long") => {
+                    too_long[r] = true;
+                    continue;
+                }
+                Row::Drop(why) => {
+                    *other.entry(why.to_string()).or_default() += 1;
+                    continue;
+                }
+            };
+            if s.len() != nl {
+                return Err(Error::Runtime(format!(
+                    "reward model `{}` returned {} scores per row; its head has {nl} labels",
+                    self.c.reward_models[i].name,
+                    s.len()
+                )));
+            }
+            let mix: f64 = s.iter().zip(&head.mix).filter(|(_, &w)| w != 0.0).map(|(&x, &w)| w * f64::from(x)).sum();
+            let finite = mix.is_finite() && s.iter().zip(&head.mix).all(|(x, &w)| w == 0.0 || x.is_finite());
+            if finite {
+                reward[r] = Some(mix);
             } else {
-                seqs.push((r, ids));
+                non_finite[r] = true;
             }
-        }
-        // Longest first, so each batch pads little (the sort is stable: ties keep row order).
-        seqs.sort_by_key(|(_, s)| std::cmp::Reverse(s.len()));
-        let mut done = done0 + (n - seqs.len()) as u64;
-        for group in seqs.chunks(self.c.batch_size) {
-            let ids: Vec<Vec<u32>> = group.iter().map(|(_, s)| s.clone()).collect();
-            let scores = model.scores(&ids).map_err(model_err)?;
-            for ((r, _), s) in group.iter().zip(scores) {
-                if s.len() != nl {
-                    return Err(Error::Runtime(format!(
-                        "reward model `{}` returned {} scores per row; its head has {nl} labels",
-                        self.c.reward_models[i].name,
-                        s.len()
-                    )));
-                }
-                let mix: f64 = s.iter().zip(&head.mix).filter(|(_, &w)| w != 0.0).map(|(&x, &w)| w * f64::from(x)).sum();
-                let finite = mix.is_finite() && s.iter().zip(&head.mix).all(|(x, &w)| w == 0.0 || x.is_finite());
-                if finite {
-                    reward[*r] = Some(mix);
+            for (l, &x) in s.iter().enumerate() {
+                if x.is_finite() {
+                    labels[l][r] = Some(f64::from(x));
                 } else {
-                    non_finite[*r] = true;
-                }
-                for (l, &x) in s.iter().enumerate() {
-                    if x.is_finite() {
-                        labels[l][*r] = Some(f64::from(x));
-                    } else {
-                        non_finite[*r] = true;
-                    }
+                    non_finite[r] = true;
                 }
             }
-            done += group.len() as u64;
-            (cx.progress)(done, total);
         }
         Ok((reward, labels))
     }
@@ -422,7 +438,7 @@ impl Score {
     /// The heads of every reward model, from their config.json files.
     fn heads_at_run(&self, cx: &RunCx) -> Result<Vec<Head>> {
         (0..self.models.len())
-            .map(|i| resolve_head(&self.models[i].dir(cx), &self.c.reward_models[i]).map_err(|(_, m)| Error::Input(m)))
+            .map(|i| head_of(cx.remote(&self.models[i].value), &self.models[i].dir(cx), &self.c.reward_models[i]).map_err(|(_, m)| Error::Input(m)))
             .collect()
     }
 
@@ -577,7 +593,7 @@ impl ColumnStats {
 /// be `*ForSequenceClassification`, the safetensors must hold `score.weight`
 /// of shape [num_labels, hidden_size], and `label`/`labels` must name labels
 /// the head has. Errors are (field of the entry, message).
-fn resolve_head(dir: &Path, m: &RewardModel) -> std::result::Result<Head, (&'static str, String)> {
+fn resolve_head(dir: &Path, m: &RewardModel, check_weights: bool) -> std::result::Result<Head, (&'static str, String)> {
     let cfg_path = dir.join("config.json");
     let cfg = ModelConfig::from_file(&cfg_path).map_err(|e| ("model", e.to_string()))?;
     let HeadKind::SequenceClassification { num_labels } = cfg.head else {
@@ -592,7 +608,8 @@ fn resolve_head(dir: &Path, m: &RewardModel) -> std::result::Result<Head, (&'sta
     };
     let raw: Value = std::fs::read(&cfg_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
     let declared = raw.get("num_labels").is_some() || raw.get("id2label").is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()));
-    match tensor_shape(dir, "score.weight").map_err(|e| ("model", e))? {
+    let shape = if check_weights { tensor_shape(dir, "score.weight").map_err(|e| ("model", e))? } else { Some(vec![num_labels, cfg.hidden_size]) };
+    match shape {
         None => {
             return Err((
                 "model",
@@ -676,6 +693,21 @@ fn resolve_head(dir: &Path, m: &RewardModel) -> std::result::Result<Head, (&'sta
         }
     }
     Ok(Head { labels, mix })
+}
+
+/// The head of reward model entry `m`: from its directory, or for a server
+/// from its `tokenizer:` directory's config.json (labels only; the weights
+/// are on the server), else one label.
+fn head_of(remote: Option<&Arc<RemoteModel>>, dir: &Path, m: &RewardModel) -> std::result::Result<Head, (&'static str, String)> {
+    let Some(rm) = remote else { return resolve_head(dir, m, true) };
+    match &rm.tokenizer {
+        Some(t) if t.join("config.json").is_file() => resolve_head(t, m, false),
+        _ if m.label.is_some() || m.labels.is_some() => Err((
+            "label",
+            format!("model `{}`: the labels of a served reward model come from its `tokenizer:` directory's config.json; add `tokenizer:`", rm.name),
+        )),
+        _ => Ok(Head { labels: vec!["0".into()], mix: vec![1.0] }),
+    }
 }
 
 /// Shape of tensor `name` from the safetensors headers of a model directory
@@ -790,6 +822,16 @@ impl Stage for Score {
             f.push(0);
         }
         Ok(f)
+    }
+
+    fn chunk_concurrency(&self, chunk_size: usize) -> usize {
+        let slots = self.models.iter().filter_map(ModelRef::slots).max();
+        slots.map_or(1, |s| crate::generate::overlap(s, chunk_size * 4))
+    }
+
+    fn run_info(&self) -> Option<Value> {
+        let infos: Vec<Value> = self.models.iter().filter_map(|m| m.made().and_then(|b| b.run_info())).collect();
+        (!infos.is_empty()).then(|| if infos.len() == 1 { infos[0].clone() } else { Value::Array(infos) })
     }
 
     fn output_aligned(&self, input_aligned: bool) -> bool {

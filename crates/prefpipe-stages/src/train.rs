@@ -517,7 +517,7 @@ impl Stage for Train {
             }
         }
         for m in std::iter::once(&self.model).chain(self.reference.as_ref()) {
-            if let Err(e) = m.check(cx) {
+            if let Err(e) = m.check_for(cx, crate::backend::Uses::Train) {
                 errs.push(e);
             }
         }
@@ -570,9 +570,9 @@ impl Stage for Train {
     }
 
     fn fingerprint(&self, cx: &PlanCx) -> Result<Vec<u8>, ConfigError> {
-        let mut f = self.model.check(cx)?.into_bytes();
+        let mut f = self.model.check_for(cx, crate::backend::Uses::Train)?.into_bytes();
         if let Some(r) = &self.reference {
-            f.extend(r.check(cx)?.into_bytes());
+            f.extend(r.check_for(cx, crate::backend::Uses::Train)?.into_bytes());
         }
         Ok(f)
     }

@@ -49,7 +49,7 @@ fn plan(stage: &dyn Stage, schema: &SchemaRef) -> Result<SchemaRef, Vec<ConfigEr
     let models = BTreeMap::new();
     let base = repo();
     let ids = ["input".to_string()];
-    stage.plan(&PlanCx { base_dir: &base, models: &models, input_ids: &ids, produced: &Default::default() }, std::slice::from_ref(schema))
+    stage.plan(&PlanCx { base_dir: &base, models: &models, remotes: &Default::default(), input_ids: &ids, produced: &Default::default() }, std::slice::from_ref(schema))
 }
 
 /// Plans and runs the stage over `chunks` (one Parquet file each), the way
@@ -68,6 +68,7 @@ fn run_chunks(config: Value, chunks: &[RecordBatch], scratch: &Path) -> (RecordB
         })
         .collect();
     let models = BTreeMap::new();
+    let remotes = BTreeMap::new();
     let base = repo();
     let progress = |_: u64, _: u64| {};
     let cx = |chunk| RunCx {
@@ -78,6 +79,9 @@ fn run_chunks(config: Value, chunks: &[RecordBatch], scratch: &Path) -> (RecordB
         scratch,
         base_dir: &base,
         models: &models,
+        remotes: &remotes,
+        store_root: scratch,
+        stage_key: "k",
         progress: &progress,
     };
     let table = |files: Vec<PathBuf>| Table { id: "input".into(), schema: chunks[0].schema(), files };
