@@ -53,10 +53,24 @@ pub fn pipeline_schema() -> serde_json::Value {
             "name": {"type": "string", "description": "Pipeline name (default: the file name)."},
             "seed": {"type": "integer", "minimum": 0, "description": "Pipeline seed; every random draw derives from (seed, stage id, prompt_id, sample_idx)."},
             "chunk_size": {"type": "integer", "minimum": 1, "description": "Prompts per chunk (default 256)."},
-            "models": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Model name → Hugging Face directory or GGUF file."},
+            "models": {
+                "type": "object",
+                "additionalProperties": {"oneOf": [{"type": "string", "description": "A Hugging Face directory or GGUF file (in-process)."}, remote_schema()]},
+                "description": "Model name → a Hugging Face directory or GGUF file, or an OpenAI-compatible server (DESIGN §11)."
+            },
             "stages": {"type": "array", "minItems": 1, "items": {"oneOf": stages}},
         },
     })
+}
+
+/// A `models:` entry that names a server, with its enums inlined.
+fn remote_schema() -> serde_json::Value {
+    let generator = schemars::generate::SchemaSettings::draft2020_12().with(|s| s.inline_subschemas = true).into_generator();
+    let mut v = serde_json::to_value(generator.into_root_schema_for::<prefpipe_core::remote::RemoteSpec>()).expect("schema serializes");
+    let o = v.as_object_mut().expect("an object schema");
+    o.remove("$schema");
+    o.insert("description".into(), "An OpenAI-compatible server (vLLM, SGLang, llama.cpp, an API).".into());
+    v
 }
 
 /// Every schema file: (relative path, JSON).
