@@ -1,6 +1,8 @@
 //! End-to-end tests: the `prefpipe` binary on real files (one test binary).
 
 mod bad_input;
+mod chat;
+mod chat_models;
 mod cli;
 mod common;
 mod models;

@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Float64Array, StringArray, UInt32Array};
+use arrow::array::{Array, ArrayRef, Float64Array, GenericListArray, ListArray, OffsetSizeTrait, StringArray, StructArray, UInt32Array};
+use arrow::buffer::{NullBuffer, OffsetBuffer};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
 use crate::error::{Error, Result};
@@ -21,6 +22,195 @@ pub mod col {
     pub const REWARD: &str = "reward";
     pub const LOGP_POLICY: &str = "logp_policy";
     pub const LOGP_REFERENCE: &str = "logp_reference";
+    /// A conversation: `list<struct<role: utf8, content: utf8>>` (DESIGN §15).
+    pub const MESSAGES: &str = "messages";
+}
+
+/// The roles a conversation message may have (DESIGN §15).
+pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// One message of a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub role: &'a str,
+    pub content: &'a str,
+}
+
+impl<'a> Message<'a> {
+    pub fn new(role: &'a str, content: &'a str) -> Self {
+        Message { role, content }
+    }
+}
+
+/// `{role, content}`, in that order: the fields of one message.
+pub fn message_fields() -> Fields {
+    Fields::from(vec![Field::new("role", DataType::Utf8, false), Field::new("content", DataType::Utf8, false)])
+}
+
+/// `list<struct<role: utf8, content: utf8>>`: how every table stores a
+/// conversation (TRL's conversational format).
+pub fn messages_type() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Struct(message_fields()), false)))
+}
+
+/// The `messages` column of a prompts/samples/pairs table.
+pub fn messages_field() -> Field {
+    Field::new(col::MESSAGES, messages_type(), false)
+}
+
+/// Whether `schema` carries conversations (a `messages` list column).
+pub fn has_messages(schema: &Schema) -> bool {
+    schema.field_with_name(col::MESSAGES).map(|f| is_list(f.data_type())).unwrap_or(false)
+}
+
+/// List-valued types (a column that may hold a conversation).
+pub fn is_list(t: &DataType) -> bool {
+    matches!(t, DataType::List(_) | DataType::LargeList(_))
+}
+
+/// Checks that `t` can hold conversations: a list of structs with string
+/// fields `role` and `content` and nothing else. The error says what it is.
+pub fn check_messages_type(t: &DataType) -> Result<(), String> {
+    let item = match t {
+        DataType::List(f) | DataType::LargeList(f) => f.data_type(),
+        t => return Err(format!("must be a list of {{role, content}} messages; it is {t}")),
+    };
+    let DataType::Struct(fields) = item else {
+        return Err(format!("must be a list of {{role, content}} messages; its items are {item}, not {{role, content}} objects"));
+    };
+    for name in ["role", "content"] {
+        match fields.iter().find(|f| f.name() == name) {
+            None => return Err(format!("must be a list of {{role, content}} messages; its items have no `{name}`")),
+            Some(f) if !Need::Text.accepts(f.data_type()) => {
+                return Err(format!("must be a list of {{role, content}} messages; `{name}` is {}, not a string", f.data_type()))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(f) = fields.iter().find(|f| f.name() != "role" && f.name() != "content") {
+        // A template would read it (e.g. Qwen3's `reasoning_content`), so dropping it would change the prompt.
+        return Err(format!(
+            "must be a list of {{role, content}} messages; its items also have `{}`, which prefpipe does not support",
+            f.name()
+        ));
+    }
+    Ok(())
+}
+
+/// A conversation column, read for random access: row `r`'s messages are
+/// `range(r)` of the flat `role`/`content` arrays. Accepts list/large-list
+/// and utf8/large/view strings (what Parquet, JSONL and SQL produce).
+pub struct Conversations {
+    offsets: Vec<usize>,
+    nulls: Option<NullBuffer>,
+    roles: StringArray,
+    contents: StringArray,
+}
+
+impl Conversations {
+    pub fn new(a: &ArrayRef) -> Result<Self> {
+        check_messages_type(a.data_type()).map_err(|e| Error::Input(format!("a conversation column {e}")))?;
+        fn parts<O: OffsetSizeTrait>(l: &GenericListArray<O>) -> (Vec<usize>, Option<NullBuffer>, StructArray) {
+            let offsets = l.value_offsets().iter().map(|o| o.as_usize()).collect();
+            let values = l.values().as_any().downcast_ref::<StructArray>().expect("checked: a struct list").clone();
+            (offsets, l.nulls().cloned(), values)
+        }
+        let (offsets, nulls, values) = match a.data_type() {
+            DataType::List(_) => parts(a.as_any().downcast_ref::<ListArray>().expect("list")),
+            _ => parts(a.as_any().downcast_ref::<arrow::array::LargeListArray>().expect("large list")),
+        };
+        let text = |name: &str| -> Result<StringArray> {
+            let c = cast(values.column_by_name(name).expect("checked"), &DataType::Utf8)?;
+            Ok(c.as_any().downcast_ref::<StringArray>().expect("utf8").clone())
+        };
+        Ok(Conversations { offsets, nulls, roles: text("role")?, contents: text("content")? })
+    }
+
+    /// Reads column `name` of `b` as conversations.
+    pub fn of(b: &RecordBatch, name: &str) -> Result<Self> {
+        Conversations::new(column(b, name)?).map_err(|e| Error::Input(format!("column `{name}`: {e}")))
+    }
+
+    pub fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether row `r` is null (no conversation at all).
+    pub fn is_null(&self, r: usize) -> bool {
+        self.nulls.as_ref().is_some_and(|n| n.is_null(r))
+    }
+
+    /// Indices of row `r`'s messages into [`Conversations::raw`].
+    pub fn range(&self, r: usize) -> std::ops::Range<usize> {
+        self.offsets[r]..self.offsets[r + 1]
+    }
+
+    /// Message `i` (a flat index) as stored: role and content, `None` when null.
+    pub fn raw(&self, i: usize) -> (Option<&str>, Option<&str>) {
+        fn get(a: &StringArray, i: usize) -> Option<&str> {
+            a.is_valid(i).then(|| a.value(i))
+        }
+        (get(&self.roles, i), get(&self.contents, i))
+    }
+
+    /// Row `r`'s messages (null fields read as ""; tables that `source`
+    /// wrote have none).
+    pub fn row(&self, r: usize) -> Vec<Message<'_>> {
+        self.range(r)
+            .map(|i| {
+                let (role, content) = self.raw(i);
+                Message::new(role.unwrap_or_default(), content.unwrap_or_default())
+            })
+            .collect()
+    }
+}
+
+/// Builds a `messages` column ([`messages_type`]) from one conversation per row.
+pub fn messages_array<'a, I, C>(rows: I) -> Result<ArrayRef>
+where
+    I: IntoIterator<Item = C>,
+    C: AsRef<[Message<'a>]>,
+{
+    let mut lengths = Vec::new();
+    let mut roles = Vec::new();
+    let mut contents = Vec::new();
+    for row in rows {
+        let row = row.as_ref();
+        lengths.push(row.len());
+        roles.extend(row.iter().map(|m| m.role));
+        contents.extend(row.iter().map(|m| m.content));
+    }
+    let values = StructArray::try_new(
+        message_fields(),
+        vec![Arc::new(StringArray::from(roles)) as ArrayRef, Arc::new(StringArray::from(contents))],
+        None,
+    )?;
+    let item = Arc::new(Field::new("item", DataType::Struct(message_fields()), false));
+    Ok(Arc::new(ListArray::try_new(item, OffsetBuffer::from_lengths(lengths), Arc::new(values), None)?))
+}
+
+/// The canonical JSON of a conversation: a list of `{"role", "content"}`
+/// objects in that key order, no whitespace, strings escaped as serde_json
+/// (= Python's `json.dumps(m, ensure_ascii=False, separators=(",", ":"))`).
+/// A conversation's `prompt_id` hashes it (DESIGN §15).
+pub fn canonical_json(messages: &[Message]) -> String {
+    let mut s = String::from("[");
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str("{\"role\":");
+        s.push_str(&serde_json::to_string(m.role).expect("a string serializes"));
+        s.push_str(",\"content\":");
+        s.push_str(&serde_json::to_string(m.content).expect("a string serializes"));
+        s.push('}');
+    }
+    s.push(']');
+    s
 }
 
 /// Columns that describe one sample rather than its prompt; a pairs table
@@ -252,6 +442,46 @@ mod tests {
         let e = require(&s, "src", "prompt", Need::Text).unwrap_err();
         assert!(e.message.contains("must be a string column; it is Int64"), "{}", e.message);
         assert!(require(&s, "src", "rewrd", Need::Number).is_ok());
+    }
+
+    #[test]
+    fn messages_round_trip_through_arrow() {
+        let convs =
+            vec![vec![Message::new("system", "Be brief."), Message::new("user", "Hi \"there\"\n")], vec![Message::new("user", "Ça va ?")]];
+        let a = messages_array(&convs).unwrap();
+        assert_eq!(a.data_type(), &messages_type());
+        let c = Conversations::new(&a).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.row(0), convs[0]);
+        assert_eq!(c.row(1), convs[1]);
+        // Large lists of view strings (what SQL may hand back) read the same.
+        let large = cast(&a, &DataType::LargeList(Arc::new(Field::new("item", DataType::Struct(message_fields()), false)))).unwrap();
+        assert_eq!(Conversations::new(&large).unwrap().row(0), convs[0]);
+    }
+
+    #[test]
+    fn canonical_json_matches_python() {
+        // Python: json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi \"there\"\n"}],
+        //                    ensure_ascii=False, separators=(",", ":"))
+        let m = [Message::new("system", "Be brief."), Message::new("user", "Hi \"there\"\n")];
+        assert_eq!(canonical_json(&m), r#"[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi \"there\"\n"}]"#);
+        assert_eq!(canonical_json(&[Message::new("user", "é\u{1}")]), "[{\"role\":\"user\",\"content\":\"é\\u0001\"}]");
+    }
+
+    #[test]
+    fn messages_types_are_checked() {
+        assert!(check_messages_type(&messages_type()).is_ok());
+        let e = check_messages_type(&DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))).unwrap_err();
+        assert!(e.contains("its items are Utf8"), "{e}");
+        let e = check_messages_type(&DataType::Utf8).unwrap_err();
+        assert!(e.contains("it is Utf8"), "{e}");
+        let extra = Fields::from(vec![
+            Field::new("content", DataType::Utf8, true),
+            Field::new("role", DataType::Utf8, true),
+            Field::new("reasoning_content", DataType::Utf8, true),
+        ]);
+        let e = check_messages_type(&DataType::List(Arc::new(Field::new("item", DataType::Struct(extra), true)))).unwrap_err();
+        assert!(e.contains("`reasoning_content`"), "{e}");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use candle_core::Device;
-pub use codec::Codec;
+pub use codec::{Codec, Prompt};
 pub use config::{Family, HeadKind, ModelConfig};
 pub use error::{Error, Result};
 pub use fixture::{write_fixture, write_reward_fixture};

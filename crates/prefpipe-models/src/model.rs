@@ -372,6 +372,21 @@ impl Model {
         Ok(ids)
     }
 
+    /// [`crate::codec::prompt_ids`] with this model's tokenizer (DESIGN §4/§15).
+    pub fn prompt_ids(&self, prompt: crate::codec::Prompt, chat_template: bool) -> Result<Vec<u32>> {
+        crate::codec::prompt_ids(&self.tokenizer, prompt, chat_template)
+    }
+
+    /// [`crate::codec::pair_ids`]: (prompt ids, response ids) as TRL's DPO trainer builds them.
+    pub fn pair_ids(&self, prompt: crate::codec::Prompt, response: &str, chat_template: bool) -> Result<(Vec<u32>, Vec<u32>)> {
+        crate::codec::pair_ids(&self.tokenizer, self.eos_id, prompt, response, chat_template, &self.dir)
+    }
+
+    /// [`crate::codec::reward_ids`]: what a reward model reads (DESIGN §4).
+    pub fn reward_ids(&self, prompt: crate::codec::Prompt, response: &str, chat_template: bool) -> Result<Vec<u32>> {
+        crate::codec::reward_ids(&self.tokenizer, self.eos_id, prompt, response, chat_template, &self.dir)
+    }
+
     /// `decode(ids, skip_special_tokens=true)`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer.decode(ids, true)

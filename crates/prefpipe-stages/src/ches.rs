@@ -5,7 +5,7 @@
 
 use arrow::datatypes::SchemaRef;
 use prefpipe_core::stage::{ConfigError, Mode, Output, PlanCx, RunCx, Stage, Table};
-use prefpipe_core::table::{col, str_col};
+use prefpipe_core::table::str_col;
 use prefpipe_core::Result;
 use prefpipe_select::ches::{self, Ches};
 use prefpipe_select::Input;
@@ -42,6 +42,7 @@ impl Stage for ChesStage {
         if let Err(e) = self.model.check_for(cx, crate::backend::Uses::Hidden) {
             errs.push(e);
         }
+        errs.extend(crate::backend::check_chat(&inputs[0], &cx.input_ids[0], self.c.chat_template, "chat_template"));
         match schema {
             Some(s) if errs.is_empty() => Ok(s),
             _ => Err(errs),
@@ -55,7 +56,7 @@ impl Stage for ChesStage {
     fn run(&self, cx: &RunCx, inputs: &[Table]) -> Result<Output> {
         let batch = inputs[0].read_one()?;
         let model = self.model.get(cx)?;
-        let prompts = str_col(&batch, col::PROMPT)?;
+        let prompts = crate::backend::Prompts::of(&batch)?;
         let chosen = str_col(&batch, "chosen")?;
         let rejected = str_col(&batch, "rejected")?;
         let n = batch.num_rows();
@@ -66,9 +67,12 @@ impl Stage for ChesStage {
             // One forward pass over chosen and rejected of the pairs in this batch.
             let mut seqs = Vec::with_capacity(2 * rows.len());
             for r in rows.clone() {
-                let p = model.encode_prompt(prompts.value(r), self.c.chat_template).map_err(model_err)?;
-                seqs.push((p.clone(), model.encode_response(chosen.value(r)).map_err(model_err)?));
-                seqs.push((p, model.encode_response(rejected.value(r)).map_err(model_err)?));
+                // TRL's tokenisation of the pair (DESIGN §15): one prompt, the common prefix of both.
+                let enc = |s: &str| model.pair_ids(prompts.get(r), s, self.c.chat_template).map_err(model_err);
+                let (p, mut rs) = crate::backend::shared_prompt(vec![enc(chosen.value(r))?, enc(rejected.value(r))?]);
+                let neg = rs.pop().expect("two");
+                seqs.push((p.clone(), rs.pop().expect("two")));
+                seqs.push((p, neg));
             }
             let sums = model.hidden_sums(&seqs).map_err(model_err)?;
             for k in 0..rows.len() {

@@ -16,7 +16,7 @@ use prefpipe_core::table::{self, col, str_col, Need};
 use prefpipe_core::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{GenJob, GenParams, Row, Uses};
+use crate::backend::{check_chat, GenJob, GenParams, Prompts, Row, Uses};
 use crate::model_ref::{sample_seed, ModelRef};
 
 pub const KIND: StageKind = StageKind {
@@ -136,6 +136,7 @@ impl Stage for Generate {
         if let Err(e) = self.model.check_for(cx, Uses::Generate) {
             errs.push(e);
         }
+        errs.extend(check_chat(s, &cx.input_ids[0], self.c.chat_template, "chat_template"));
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -166,7 +167,7 @@ impl Stage for Generate {
         let input = inputs[0].read_one()?;
         let backend = self.model.backend(cx);
         let ids = str_col(&input, col::PROMPT_ID)?;
-        let prompts = str_col(&input, col::PROMPT)?;
+        let prompts = Prompts::of(&input)?;
         let seed = self.c.seed.unwrap_or(cx.seed);
         let mut out = Output::default();
 
@@ -174,7 +175,7 @@ impl Stage for Generate {
         let mut rows: Vec<u32> = Vec::with_capacity(jobs.capacity());
         for r in 0..input.num_rows() {
             for s in 0..self.c.n {
-                let (prompt_id, prompt) = (ids.value(r), prompts.value(r));
+                let (prompt_id, prompt) = (ids.value(r), prompts.get(r));
                 jobs.push(GenJob { prompt_id, sample_idx: s, prompt, seed: sample_seed(seed, cx.stage_id, prompt_id, s) });
                 rows.push(r as u32);
             }
@@ -224,11 +225,12 @@ impl Stage for Generate {
     }
 }
 
-/// Chunks in flight so that `slots` requests stay busy while one chunk
-/// (`per_chunk` requests) waits for its slowest answer: enough queued work for
-/// twice the slots, plus the chunk in its tail.
+/// Chunks in flight so that `slots` requests stay busy while chunks wait for
+/// their slowest answers: enough queued work for 16× the slots (a 10× slower
+/// tail request must not drain the queue), plus the chunk in its tail. A chunk
+/// in flight costs a thread and its rows, nothing on the server.
 pub fn overlap(slots: usize, per_chunk: usize) -> usize {
-    (2 * slots).div_ceil(per_chunk.max(1)).clamp(1, 64) + 1
+    (16 * slots).div_ceil(per_chunk.max(1)).clamp(1, 64) + 1
 }
 
 impl Generate {

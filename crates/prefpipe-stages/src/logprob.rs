@@ -13,7 +13,7 @@ use prefpipe_core::table::{self, col, str_col, Need};
 use prefpipe_core::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Pair, PairOpts, Row, Uses};
+use crate::backend::{check_chat, Pair, PairOpts, Prompts, Row, Uses};
 use crate::model_ref::ModelRef;
 
 pub const KIND: StageKind = StageKind {
@@ -92,6 +92,7 @@ impl Stage for Logprob {
                 errs.push(ConfigError::new(format!("input `{}` already has `{c}`", cx.input_ids[0])));
             }
         }
+        errs.extend(check_chat(s, &cx.input_ids[0], self.c.chat_template, "chat_template"));
         for m in std::iter::once(&self.model).chain(self.reference.as_ref()) {
             if let Err(e) = m.check_for(cx, Uses::Logprob) {
                 errs.push(e);
@@ -125,11 +126,11 @@ impl Stage for Logprob {
     fn run(&self, cx: &RunCx, inputs: &[Table]) -> Result<Output> {
         let input = inputs[0].read_one()?;
         let ids = str_col(&input, col::PROMPT_ID).ok();
-        let prompts = str_col(&input, col::PROMPT)?;
+        let prompts = Prompts::of(&input)?;
         let responses = str_col(&input, col::RESPONSE)?;
         let mut out = Output::default();
         let pairs: Vec<Pair> = (0..input.num_rows())
-            .map(|r| Pair { prompt_id: ids.as_ref().map_or("", |a| a.value(r)), prompt: prompts.value(r), response: responses.value(r) })
+            .map(|r| Pair { prompt_id: ids.as_ref().map_or("", |a| a.value(r)), prompt: prompts.get(r), response: responses.value(r) })
             .collect();
         let opts = PairOpts { chat_template: self.c.chat_template, batch_size: self.c.batch_size };
         // Each model tokenizes for itself (the reference may use another tokenizer).

@@ -48,7 +48,7 @@ use prefpipe_models::{HeadKind, ModelConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::backend::{Pair, PairOpts, Row, Uses};
+use crate::backend::{check_chat, Pair, PairOpts, Prompts, Row, Uses};
 use crate::model_ref::ModelRef;
 use prefpipe_core::remote::RemoteModel;
 use crate::rules::{at_rule, Compiled, RowText};
@@ -385,12 +385,12 @@ impl Score {
         }
         let chat = self.c.reward_models[i].chat_template;
         let ids = str_col(batch, col::PROMPT_ID).ok();
-        let prompts = str_col(batch, col::PROMPT)?;
+        let prompts = Prompts::of(batch)?;
         let responses = str_col(batch, col::RESPONSE)?;
         let pairs: Vec<Pair> = (0..n)
             .map(|r| Pair {
                 prompt_id: ids.as_ref().and_then(|a| text_at(a, r)).unwrap_or(""),
-                prompt: text_at(&prompts, r).unwrap_or(""),
+                prompt: prompts.get(r),
                 response: text_at(&responses, r).unwrap_or(""),
             })
             .collect();
@@ -778,6 +778,9 @@ impl Stage for Score {
         }
         let mut heads = Vec::new();
         for i in 0..self.models.len() {
+            if let Some(e) = check_chat(s, &cx.input_ids[0], self.c.reward_models[i].chat_template, "chat_template") {
+                errs.push(at_rm(i, "chat_template", e.message));
+            }
             match self.check_model(cx, i) {
                 Ok((h, _)) => heads.push(h),
                 Err(e) => {

@@ -340,6 +340,7 @@ impl Train {
     /// Reads the input into examples tokenized by `m`; rows that do not fit are counted.
     fn examples(&self, input: &RecordBatch, m: &Model, out: &mut Output) -> Result<Vec<Example>> {
         let prompts = str_col(input, col::PROMPT)?;
+        let convs = crate::backend::Prompts::of(input)?;
         let ids = input.column_by_name(col::PROMPT_ID).map(|_| str_col(input, col::PROMPT_ID)).transpose()?;
         let row_name = |r: usize| match &ids {
             Some(ids) => format!("row {r} (prompt_id {})", ids.value(r)),
@@ -361,13 +362,14 @@ impl Train {
             if prompts.is_null(r) {
                 return Err(Error::Input(format!("{}: `prompt` is null", row_name(r))));
             }
-            let prompt = m.encode_prompt(prompts.value(r), self.c.chat_template).map_err(model_err)?;
+            let enc = |s: &str| m.pair_ids(convs.get(r), s, self.c.chat_template).map_err(model_err);
             let e = if let Some((chosen, rejected)) = &pairs {
                 if chosen.is_null(r) || rejected.is_null(r) {
                     return Err(Error::Input(format!("{}: `chosen` or `rejected` is null", row_name(r))));
                 }
-                let enc = |s: &str| m.encode_response(s).map_err(model_err);
-                Example::pair(prompt, enc(chosen.value(r))?, enc(rejected.value(r))?)
+                let (prompt, mut rs) = crate::backend::shared_prompt(vec![enc(chosen.value(r))?, enc(rejected.value(r))?]);
+                let rejected = rs.pop().expect("two");
+                Example::pair(prompt, rs.pop().expect("two"), rejected)
             } else {
                 let (responses, rewards) = lists.as_ref().expect("lipo");
                 let (responses, rewards) = list_row(responses, rewards, r).map_err(|e| Error::Input(format!("{}: {e}", row_name(r))))?;
@@ -381,7 +383,8 @@ impl Train {
                 if tr::loss::normalised_labels(&rewards).is_none() {
                     ties += 1;
                 }
-                let responses = responses.iter().map(|s| m.encode_response(s).map_err(model_err)).collect::<Result<Vec<_>>>()?;
+                let encoded = responses.iter().map(|s| enc(s)).collect::<Result<Vec<_>>>()?;
+                let (prompt, responses) = crate::backend::shared_prompt(encoded);
                 Example::list(prompt, responses, rewards)
             };
             if e.max_len() > max_len {
@@ -516,6 +519,7 @@ impl Stage for Train {
                 }
             }
         }
+        errs.extend(crate::backend::check_chat(&inputs[0], &cx.input_ids[0], self.c.chat_template, "chat_template"));
         for m in std::iter::once(&self.model).chain(self.reference.as_ref()) {
             if let Err(e) = m.check_for(cx, crate::backend::Uses::Train) {
                 errs.push(e);

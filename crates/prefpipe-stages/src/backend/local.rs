@@ -26,12 +26,12 @@ impl Local {
         self.model.get_or_init(|| Model::load(&self.dir, &device()).map(Arc::new).map_err(|e| e.to_string())).clone().map_err(Error::Input)
     }
 
-    /// Prompt ⊕ response ids per DESIGN §4, or `None` when they exceed the context.
+    /// (prompt, response) ids per DESIGN §4/§15, or `None` when they exceed the context.
     fn encode_pairs(&self, m: &Model, pairs: &[Pair], chat: bool) -> Result<Vec<Option<(Vec<u32>, Vec<u32>)>>> {
         pairs
             .iter()
             .map(|p| {
-                let ids = (m.encode_prompt(p.prompt, chat).map_err(model_err)?, m.encode_response(p.response).map_err(model_err)?);
+                let ids = m.pair_ids(p.prompt, p.response, chat).map_err(model_err)?;
                 Ok((ids.0.len() + ids.1.len() <= m.max_len()).then_some(ids))
             })
             .collect()
@@ -48,10 +48,10 @@ impl Backend for Local {
         for (j, job) in jobs.iter().enumerate() {
             // Consecutive samples of one prompt share its ids.
             let ids = match &last {
-                Some((p, ids)) if *p == job.prompt => ids.clone(),
+                Some((p, ids)) if *p == job.prompt_id => ids.clone(),
                 _ => {
-                    let ids = Arc::new(model.encode_prompt(job.prompt, params.chat_template).map_err(model_err)?);
-                    last = Some((job.prompt, ids.clone()));
+                    let ids = Arc::new(model.prompt_ids(job.prompt, params.chat_template).map_err(model_err)?);
+                    last = Some((job.prompt_id, ids.clone()));
                     ids
                 }
             };
@@ -83,10 +83,15 @@ impl Backend for Local {
 
     fn scores(&self, cx: &RunCx, _tag: &str, pairs: &[Pair], opts: PairOpts) -> Result<Vec<Row<Vec<f32>>>> {
         let model = self.model()?;
-        let encoded = self.encode_pairs(&model, pairs, opts.chat_template)?;
         let mut out: Vec<Row<Vec<f32>>> = vec![Row::Drop("too_long"); pairs.len()];
-        let mut seqs: Vec<(usize, Vec<u32>)> =
-            encoded.into_iter().enumerate().filter_map(|(r, e)| e.map(|(p, s)| (r, [p, s].concat()))).collect();
+        // A reward model reads its own template over the whole conversation (DESIGN §4).
+        let mut seqs: Vec<(usize, Vec<u32>)> = Vec::with_capacity(pairs.len());
+        for (r, p) in pairs.iter().enumerate() {
+            let ids = model.reward_ids(p.prompt, p.response, opts.chat_template).map_err(model_err)?;
+            if ids.len() <= model.max_len() {
+                seqs.push((r, ids));
+            }
+        }
         // Longest first, so each batch pads little (the sort is stable: ties keep row order).
         seqs.sort_by_key(|(_, s)| std::cmp::Reverse(s.len()));
         let mut done = (pairs.len() - seqs.len()) as u64;

@@ -8,8 +8,14 @@
 //! counts (`prompt_too_long`, `too_long`, `request_failed`, …); a failure of
 //! the whole call is an `Err` (exit 1 at run time, 2 for bad input).
 
-use prefpipe_core::stage::RunCx;
+use arrow::array::StringArray;
+use arrow::record_batch::RecordBatch;
+use prefpipe_core::stage::{ConfigError, RunCx};
+use prefpipe_core::table::{self, col, str_col};
 use prefpipe_core::Result;
+use arrow::array::Array;
+pub use prefpipe_models::Prompt;
+use prefpipe_models::ChatMessage;
 
 pub mod local;
 pub mod openai;
@@ -53,7 +59,7 @@ pub enum Row<T> {
 pub struct GenJob<'a> {
     pub prompt_id: &'a str,
     pub sample_idx: u32,
-    pub prompt: &'a str,
+    pub prompt: Prompt<'a>,
     pub seed: u64,
 }
 
@@ -84,8 +90,60 @@ pub struct Sample {
 #[derive(Debug, Clone, Copy)]
 pub struct Pair<'a> {
     pub prompt_id: &'a str,
-    pub prompt: &'a str,
+    pub prompt: Prompt<'a>,
     pub response: &'a str,
+}
+
+/// The prompts of a batch as models read them: the `messages` conversations
+/// when the table has them (DESIGN §15), else the `prompt` strings.
+pub struct Prompts {
+    text: StringArray,
+    chats: Option<Vec<Vec<ChatMessage>>>,
+}
+
+impl Prompts {
+    pub fn of(batch: &RecordBatch) -> Result<Prompts> {
+        let text = str_col(batch, col::PROMPT)?;
+        let chats = if table::has_messages(&batch.schema()) {
+            let conv = table::Conversations::of(batch, col::MESSAGES)?;
+            Some(
+                (0..batch.num_rows())
+                    .map(|r| conv.row(r).iter().map(|m| ChatMessage { role: m.role.to_string(), content: m.content.to_string() }).collect())
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        Ok(Prompts { text, chats })
+    }
+
+    pub fn get(&self, r: usize) -> Prompt<'_> {
+        match &self.chats {
+            Some(c) => Prompt::Chat(&c[r]),
+            None => Prompt::Text(if self.text.is_null(r) { "" } else { self.text.value(r) }),
+        }
+    }
+}
+
+/// Several responses to one prompt as TRL tokenises a preference example
+/// (DESIGN §15): the prompt is the shortest of their prompt parts (the
+/// common prefix k = the smallest), each response the rest of its sequence.
+/// Without a chat template every prompt part is the same and nothing moves.
+pub fn shared_prompt(encoded: Vec<(Vec<u32>, Vec<u32>)>) -> (Vec<u32>, Vec<Vec<u32>>) {
+    let k = encoded.iter().map(|(p, _)| p.len()).min().unwrap_or(0);
+    let prompt = encoded.first().map(|(p, _)| p[..k].to_vec()).unwrap_or_default();
+    let responses = encoded.into_iter().map(|(p, r)| [&p[k..], r.as_slice()].concat()).collect();
+    (prompt, responses)
+}
+
+/// A conversation needs the chat template wherever a model reads it (DESIGN §15).
+pub fn check_chat(schema: &arrow::datatypes::Schema, input: &str, chat_template: bool, field: &str) -> Option<ConfigError> {
+    (table::has_messages(schema) && !chat_template).then(|| {
+        ConfigError::at(
+            field,
+            format!("input `{input}` holds conversations (`messages`); a model reads them through its chat template: set `chat_template: true`"),
+        )
+    })
 }
 
 /// How pairs are turned into tokens (DESIGN §4).

@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use prefpipe_core::remote::{RemoteModel, ServerKind};
 use prefpipe_core::stage::RunCx;
 use prefpipe_core::{Error, Result};
-use prefpipe_models::Codec;
+use prefpipe_models::{ChatMessage, Codec, Prompt};
 use prefpipe_remote::{Client, Endpoint, Outcome, Request, Session};
 use serde_json::{json, Value};
 
@@ -102,12 +102,15 @@ impl Remote {
         session.send(cx.chunk, tag, reqs, validate, cx.progress).map_err(runtime)
     }
 
-    /// Token ids of prompt ⊕ response ⊕ EOS (DESIGN §4) and the prompt's length.
+    fn tok_err(&self, e: prefpipe_models::Error) -> Error {
+        Error::Input(format!("model `{}` tokenizer: {e}", self.model.name))
+    }
+
+    /// Token ids of prompt ⊕ response (DESIGN §4/§15) and the prompt's length.
     fn pair_ids(&self, codec: &Codec, p: &Pair, chat: bool) -> Result<(Vec<u32>, usize)> {
-        let bad = |e: prefpipe_models::Error| Error::Input(format!("model `{}` tokenizer: {e}", self.model.name));
-        let mut ids = codec.encode_prompt(p.prompt, chat).map_err(bad)?;
+        let (mut ids, r) = codec.pair(p.prompt, p.response, chat).map_err(|e| self.tok_err(e))?;
         let n = ids.len();
-        ids.extend(codec.encode_response(p.response).map_err(bad)?);
+        ids.extend(r);
         Ok((ids, n))
     }
 
@@ -215,11 +218,12 @@ impl Backend for Remote {
             .iter()
             .map(|j| {
                 let mut b = self.sampling(params, j.seed);
-                if chat {
-                    b.insert("messages".into(), json!([{"role": "user", "content": j.prompt}]));
-                } else {
-                    b.insert("prompt".into(), json!(j.prompt));
-                }
+                match (chat, j.prompt) {
+                    // Chat backends receive the messages themselves (DESIGN §15).
+                    (true, p) => b.insert("messages".into(), json!(p.messages())),
+                    (false, Prompt::Text(t)) => b.insert("prompt".into(), json!(t)),
+                    (false, Prompt::Chat(m)) => b.insert("messages".into(), json!(m)),
+                };
                 Request {
                     endpoint: if chat { Endpoint::V1("chat/completions") } else { Endpoint::V1("completions") },
                     body: Value::Object(b),
@@ -236,15 +240,29 @@ impl Backend for Remote {
         let server = self.model.spec.server;
         let mut reqs = Vec::with_capacity(pairs.len());
         for p in pairs {
-            let input = match &codec {
-                Some(c) => json!(self.pair_ids(c, p, opts.chat_template)?.0),
-                // Without a tokenizer the server tokenises the text (DESIGN §11).
-                None => json!(format!("{}{}", p.prompt, p.response)),
+            let mut body = serde_json::Map::new();
+            body.insert("model".into(), json!(self.model.spec.model));
+            match (&codec, p.prompt) {
+                // The reward model's own template over the whole conversation, as token ids (DESIGN §4).
+                (Some(c), _) => body.insert("input".into(), json!(c.reward(p.prompt, p.response, opts.chat_template).map_err(|e| self.tok_err(e))?)),
+                // Without a tokenizer the server renders and tokenises (vLLM's chat-style classify request).
+                (None, prompt) if opts.chat_template => {
+                    let mut m = prompt.messages();
+                    m.push(ChatMessage { role: "assistant".into(), content: p.response.to_string() });
+                    body.insert("messages".into(), json!(m))
+                }
+                (None, prompt) => {
+                    let text = match prompt {
+                        Prompt::Text(t) => t.to_string(),
+                        Prompt::Chat(m) => m.last().map(|m| m.content.clone()).unwrap_or_default(),
+                    };
+                    body.insert("input".into(), json!(format!("{text}{}", p.response)))
+                }
             };
-            let body = match server {
-                ServerKind::Sglang => json!({"model": self.model.spec.model, "input": input}),
-                _ => json!({"model": self.model.spec.model, "input": input, "use_activation": false}),
-            };
+            if server != ServerKind::Sglang {
+                body.insert("use_activation".into(), json!(false));
+            }
+            let body = Value::Object(body);
             let endpoint = if server == ServerKind::Sglang { Endpoint::V1("classify") } else { Endpoint::Root("classify") };
             reqs.push(Request { endpoint, body, route: route(p.prompt_id) });
         }
