@@ -224,7 +224,6 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
         let mode = stage.mode();
         let key = h.finalize().to_hex().to_string();
         let written = stage.model_output(&cx);
-        drop(cx);
         if let Some(dir) = written {
             produced.insert(normalize(&dir), Producer { stage: s.id.clone(), key: Some(key.clone()) });
         }

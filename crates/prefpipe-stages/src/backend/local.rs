@@ -11,6 +11,9 @@ use prefpipe_models::{Model, SamplingParams};
 use super::{Backend, GenJob, GenParams, Pair, PairOpts, Row, Sample};
 use crate::model_ref::{device, model_err};
 
+/// (prompt ids, response ids) of one row.
+type Ids = (Vec<u32>, Vec<u32>);
+
 pub struct Local {
     dir: PathBuf,
     model: OnceLock<std::result::Result<Arc<Model>, String>>,
@@ -27,7 +30,7 @@ impl Local {
     }
 
     /// (prompt, response) ids per DESIGN §4/§15, or `None` when they exceed the context.
-    fn encode_pairs(&self, m: &Model, pairs: &[Pair], chat: bool) -> Result<Vec<Option<(Vec<u32>, Vec<u32>)>>> {
+    fn encode_pairs(&self, m: &Model, pairs: &[Pair], chat: bool) -> Result<Vec<Option<Ids>>> {
         pairs
             .iter()
             .map(|p| {
@@ -109,10 +112,10 @@ impl Backend for Local {
     fn logprobs(&self, _cx: &RunCx, _tag: &str, pairs: &[Pair], opts: PairOpts) -> Result<Vec<Row<(f64, u32)>>> {
         let model = self.model()?;
         let encoded = self.encode_pairs(&model, pairs, opts.chat_template)?;
-        let kept: Vec<(usize, (Vec<u32>, Vec<u32>))> = encoded.into_iter().enumerate().filter_map(|(r, e)| e.map(|e| (r, e))).collect();
+        let kept: Vec<(usize, Ids)> = encoded.into_iter().enumerate().filter_map(|(r, e)| e.map(|e| (r, e))).collect();
         let mut out: Vec<Row<(f64, u32)>> = vec![Row::Drop("too_long"); pairs.len()];
         for group in kept.chunks(opts.batch_size.max(1)) {
-            let batch: Vec<(Vec<u32>, Vec<u32>)> = group.iter().map(|(_, e)| e.clone()).collect();
+            let batch: Vec<Ids> = group.iter().map(|(_, e)| e.clone()).collect();
             for ((r, e), lp) in group.iter().zip(model.logprobs(&batch).map_err(model_err)?) {
                 out[*r] = Row::Ok((lp, e.1.len() as u32));
             }
