@@ -47,11 +47,7 @@ pub fn prompt_ids(tok: &TextTokenizer, prompt: Prompt, chat_template: bool) -> R
 /// end-of-turn tokens end the response.
 pub fn pair_ids(tok: &TextTokenizer, eos: Option<u32>, prompt: Prompt, response: &str, chat_template: bool, dir: &Path) -> Result<(Vec<u32>, Vec<u32>)> {
     match (prompt, chat_template) {
-        (Prompt::Text(t), false) => {
-            let mut r = tok.encode(response, false)?;
-            r.push(eos.ok_or_else(|| no_eos(dir))?);
-            Ok((tok.encode(t, true)?, r))
-        }
+        (Prompt::Text(t), false) => Ok((tok.encode(t, true)?, response_ids(tok, eos, response, dir)?)),
         (p, _) => {
             let p_ids = prompt_ids(tok, p, true)?;
             let full = full_ids(tok, p, response)?;
@@ -84,6 +80,13 @@ pub fn reward_ids(tok: &TextTokenizer, eos: Option<u32>, prompt: Prompt, respons
     let (mut p, r) = pair_ids(tok, eos, prompt, response, false, dir)?;
     p.extend(r);
     Ok(p)
+}
+
+/// Plain response ids (DESIGN §4): `encode(response, add_special_tokens=false) + [eos_id]`.
+pub fn response_ids(tok: &TextTokenizer, eos: Option<u32>, response: &str, dir: &Path) -> Result<Vec<u32>> {
+    let mut r = tok.encode(response, false)?;
+    r.push(eos.ok_or_else(|| no_eos(dir))?);
+    Ok(r)
 }
 
 fn no_eos(dir: &Path) -> Error {
@@ -149,38 +152,5 @@ impl Codec {
     /// [`reward_ids`] with this tokenizer.
     pub fn reward(&self, prompt: Prompt, response: &str, chat_template: bool) -> Result<Vec<u32>> {
         reward_ids(&self.tokenizer, self.eos_id, prompt, response, chat_template, &self.dir)
-    }
-
-    /// Prompt ids per DESIGN §4 (see [`crate::Model::encode_prompt`]).
-    pub fn encode_prompt(&self, prompt: &str, chat_template: bool) -> Result<Vec<u32>> {
-        if chat_template {
-            let text = self.tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)?;
-            self.tokenizer.encode(&text, false)
-        } else {
-            self.tokenizer.encode(prompt, true)
-        }
-    }
-
-    /// The prompt text a server renders itself: the chat template over one
-    /// user turn (with the generation prompt), or the prompt as is.
-    pub fn prompt_text(&self, prompt: &str, chat_template: bool) -> Result<String> {
-        if chat_template {
-            self.tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)
-        } else {
-            Ok(prompt.to_string())
-        }
-    }
-
-    /// Response ids per DESIGN §4: `encode(response, add_special_tokens=false) + [eos_id]`.
-    pub fn encode_response(&self, response: &str) -> Result<Vec<u32>> {
-        let eos = self.eos_id.ok_or_else(|| Error::InvalidConfig {
-            path: self.dir.join("tokenizer_config.json"),
-            field: "eos_token".into(),
-            expected: "an end-of-sequence token (or eos_token_id in config.json)".into(),
-            got: "none".into(),
-        })?;
-        let mut ids = self.tokenizer.encode(response, false)?;
-        ids.push(eos);
-        Ok(ids)
     }
 }

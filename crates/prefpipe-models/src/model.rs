@@ -14,7 +14,7 @@ use crate::config::{HeadKind, ModelConfig};
 use crate::decoder::{Decoder, KvCache, PaddedBatch};
 use crate::error::{invalid_input, Error, Result};
 use crate::generate::{find_stop, rng_for, sample_token, FinishReason, Generation, SamplingParams};
-use crate::tokenizer::{read_json_opt, ChatMessage, TextTokenizer};
+use crate::tokenizer::{read_json_opt, TextTokenizer};
 
 /// Teacher-forced micro-batches hold at most this many (padded) tokens.
 const BATCH_TOKENS: usize = 4096;
@@ -351,25 +351,12 @@ impl Model {
     /// with `chat_template`, the template rendered for one user message with
     /// `add_generation_prompt=true`, encoded with `add_special_tokens=false`.
     pub fn encode_prompt(&self, prompt: &str, chat_template: bool) -> Result<Vec<u32>> {
-        if chat_template {
-            let text = self.tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)?;
-            self.tokenizer.encode(&text, false)
-        } else {
-            self.tokenizer.encode(prompt, true)
-        }
+        crate::codec::prompt_ids(&self.tokenizer, crate::codec::Prompt::Text(prompt), chat_template)
     }
 
     /// Response ids per DESIGN §4: `encode(response, add_special_tokens=false) + [eos_id]`.
     pub fn encode_response(&self, response: &str) -> Result<Vec<u32>> {
-        let eos = self.eos_id.ok_or_else(|| Error::InvalidConfig {
-            path: self.dir.join("tokenizer_config.json"),
-            field: "eos_token".into(),
-            expected: "an end-of-sequence token (or eos_token_id in config.json)".into(),
-            got: "none".into(),
-        })?;
-        let mut ids = self.tokenizer.encode(response, false)?;
-        ids.push(eos);
-        Ok(ids)
+        crate::codec::response_ids(&self.tokenizer, self.eos_id, response, &self.dir)
     }
 
     /// [`crate::codec::prompt_ids`] with this model's tokenizer (DESIGN §4/§15).
