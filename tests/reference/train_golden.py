@@ -13,7 +13,24 @@ Writes tests/golden/train/:
   trajectories on small tensors.
 
 Sequence log-probs follow DESIGN §4 (one sequence at a time, float32
-log_softmax, summed in float64); the losses are computed in float64.
+log_softmax, summed in float64); the losses are computed in float64. Token ids
+(`encode_example`), policy and reference alike with the policy's tokenizer (as TRL):
+
+- plain cases: prompt = encode(prompt, add_special_tokens=True), each response =
+  encode(response, add_special_tokens=False) + [eos];
+- `chat_template: true` cases: the string prompt is the one-turn conversation
+  [user: prompt], tokenized as TRL 1.16 `DPOTrainer._prepare_dataset` does a
+  conversational example (DESIGN §4/§15): P = `trl.data_utils._tokenize(tok,
+  messages, add_generation_prompt=True)`, F = `_tokenize(tok, messages +
+  [assistant: response])` (the chat template encoded without special tokens),
+  k = `trl.data_utils.common_prefix_length(P, F)`, minimised over the
+  example's responses (chosen and rejected; every response of a LiPO list);
+  prompt = P[:k], each response = its F[k:]; no EOS is appended (the template's
+  end-of-turn tokens end it). For the DPO chat case the script builds a
+  `trl.DPOTrainer` on the same pairs and checks that its tokenized dataset has
+  exactly these ids and that its `compute_loss` on the first batch (TRL's
+  step-1 loss, loss_type sigmoid) equals the step-1 loss here (recorded as
+  `step1.trl_loss`).
 
 With --check DIR, it instead loads a checkpoint that prefpipe trained (e.g.
 out/train-dpo, written by pipelines/train-dpo.yaml) in transformers and
@@ -22,9 +39,9 @@ exported next to it, against the reference; it exits 1 below --min-accuracy.
 tests/golden/train/heldout_transformers.jsonl records its output for
 pipelines/train-dpo.yaml and train-lipo.yaml (one line each).
 
-Usage (from the repository root; needs torch, transformers, safetensors):
+Usage (from the repository root; needs torch, transformers, safetensors, trl 1.16):
 
-    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors trl
     /tmp/venv/bin/python tests/reference/train_golden.py
     for m in dpo lipo; do
         cargo run -- run pipelines/train-$m.yaml
@@ -34,13 +51,19 @@ Usage (from the repository root; needs torch, transformers, safetensors):
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
+import tempfile
 
+import datasets
 import torch
 import transformers
+import trl
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+from trl.data_utils import _tokenize, common_prefix_length
 
 # (prompt, chosen, rejected)
 PAIRS = [
@@ -80,15 +103,20 @@ CASES = [
 STEP = {"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "max_grad_norm": 1.0}
 
 
-def encode_prompt(tok, prompt, chat):
-    if chat:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False).input_ids
-    return tok(prompt, add_special_tokens=True).input_ids
-
-
 def encode_response(tok, response):
     return tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def encode_example(tok, prompt, responses, chat):
+    """(prompt ids, [response ids]) of one example (a pair or a list), DESIGN §4/§15."""
+    if not chat:
+        return tok(prompt, add_special_tokens=True).input_ids, [encode_response(tok, y) for y in responses]
+    # TRL 1.16 DPOTrainer._prepare_dataset, conversational branch.
+    messages = [{"role": "user", "content": prompt}]
+    prompt_ids = _tokenize(tok, messages, add_generation_prompt=True)["input_ids"]
+    full = [_tokenize(tok, messages + [{"role": "assistant", "content": y}])["input_ids"] for y in responses]
+    k = min(common_prefix_length(prompt_ids, f) for f in full)
+    return prompt_ids[:k], [f[k:] for f in full]
 
 
 def seq_logp(model, prompt_ids, response_ids):
@@ -178,15 +206,15 @@ def batch_loss(case, model, tok, ref_logps, rows):
         pol, ref = [], []
         for i in rows:
             prompt, chosen, rejected = PAIRS[i]
-            pids = encode_prompt(tok, prompt, case["chat_template"])
-            pol.append((seq_logp(model, pids, encode_response(tok, chosen)), seq_logp(model, pids, encode_response(tok, rejected))))
+            pids, (c, r) = encode_example(tok, prompt, [chosen, rejected], case["chat_template"])
+            pol.append((seq_logp(model, pids, c), seq_logp(model, pids, r)))
             ref.append(ref_logps[i])
         return dpo_loss(pol, ref, beta)
     pol, ref, rewards = [], [], []
     for i in rows:
         prompt, responses, rw = LISTS[i]
-        pids = encode_prompt(tok, prompt, case["chat_template"])
-        pol.append([seq_logp(model, pids, encode_response(tok, y)) for y in responses])
+        pids, ys = encode_example(tok, prompt, responses, case["chat_template"])
+        pol.append([seq_logp(model, pids, y) for y in ys])
         ref.append(ref_logps[i])
         rewards.append(rw)
     return lipo_loss(pol, ref, rewards, beta)
@@ -197,19 +225,45 @@ def reference_logps(case, ref_model, tok):
     out = []
     if case["method"] == "dpo":
         for prompt, chosen, rejected in PAIRS:
-            pids = encode_prompt(tok, prompt, case["chat_template"])
-            out.append((seq_logp(ref_model, pids, encode_response(tok, chosen)).item(),
-                        seq_logp(ref_model, pids, encode_response(tok, rejected)).item()))
+            pids, (c, r) = encode_example(tok, prompt, [chosen, rejected], case["chat_template"])
+            out.append((seq_logp(ref_model, pids, c).item(), seq_logp(ref_model, pids, r).item()))
     else:
         for prompt, responses, _ in LISTS:
-            pids = encode_prompt(tok, prompt, case["chat_template"])
-            out.append([seq_logp(ref_model, pids, encode_response(tok, y)).item() for y in responses])
+            pids, ys = encode_example(tok, prompt, responses, case["chat_template"])
+            out.append([seq_logp(ref_model, pids, y).item() for y in ys])
     return out
 
 
 def load(models, name):
     path = os.path.join(models, name)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def check_against_trl(case, models, tok, loss1):
+    """The DPO chat case through trl.DPOTrainer: the same ids, and the same step-1 loss."""
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in PAIRS]
+    b = case["batch_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(
+            output_dir=tmp, beta=case["beta"], loss_type=["sigmoid"], per_device_train_batch_size=b, max_steps=1,
+            report_to="none", bf16=False, use_cpu=True, save_strategy="no", logging_steps=1, seed=0,
+        )
+        trainer = DPOTrainer(model=load(models, case["model"]), ref_model=load(models, case["reference"]), args=args,
+                             train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+        prepared = trainer.train_dataset
+        for i, (p, c, r) in enumerate(PAIRS):
+            pids, (cids, rids) = encode_example(tok, p, [c, r], True)
+            got = {"prompt_ids": pids, "chosen_ids": cids, "rejected_ids": rids}
+            for key, v in got.items():
+                if prepared[i][key] != v:
+                    sys.exit(f"{case['name']} row {i}: {key} differs from DPOTrainer._prepare_dataset: {prepared[i][key]} vs {v}")
+        batch = trainer.data_collator([prepared[i] for i in range(b)])
+        with torch.no_grad():
+            trl_loss = trainer.compute_loss(trainer.model, batch).item()
+    if abs(trl_loss - loss1) > 1e-5 * abs(loss1):
+        sys.exit(f"{case['name']}: step-1 loss {loss1} differs from DPOTrainer.compute_loss {trl_loss}")
+    return trl_loss
 
 
 def run_case(case, models):
@@ -219,6 +273,9 @@ def run_case(case, models):
     ref_logps = reference_logps(case, reference, tok)
     b = case["batch_size"]
     loss1, metrics1 = batch_loss(case, policy, tok, ref_logps, range(0, b))
+    trl_check = {}
+    if case["method"] == "dpo" and case["chat_template"]:
+        trl_check = {"trl_loss": check_against_trl(case, models, tok, loss1.item())}
     policy.zero_grad()
     loss1.backward()
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -228,7 +285,7 @@ def run_case(case, models):
     with torch.no_grad():
         loss2, metrics2 = batch_loss(case, policy, tok, ref_logps, range(b, 2 * b))
     return case | {
-        "step1": {"rows": list(range(0, b)), "loss": loss1.item()} | metrics1,
+        "step1": {"rows": list(range(0, b)), "loss": loss1.item()} | metrics1 | trl_check,
         "step2": {"rows": list(range(b, 2 * b)), "loss": loss2.item()} | metrics2,
         "reference_logps": ref_logps,
     }
@@ -275,10 +332,9 @@ def check(args):
     reference = AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32, attn_implementation="eager").eval()
     correct = 0.0
     for r in rows:
-        pids = encode_prompt(tok, r["prompt"], args.chat_template)
+        pids, rids = encode_example(tok, r["prompt"], [r["chosen"], r["rejected"]], args.chat_template)
         m = 0.0
-        for y, sign in ((r["chosen"], 1.0), (r["rejected"], -1.0)):
-            rid = encode_response(tok, y)
+        for rid, sign in zip(rids, (1.0, -1.0)):
             m += sign * (seq_logp(policy, pids, rid).item() - seq_logp(reference, pids, rid).item())
         correct += 1.0 if m > 0 else 0.5 if m == 0 else 0.0
     acc = correct / len(rows)
@@ -300,6 +356,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
+    logging.getLogger("trl").setLevel(logging.ERROR)
     if args.check:
         check(args)
         return
@@ -309,7 +366,8 @@ def main():
     doc = {
         "generated_by": "tests/reference/train_golden.py",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+                     "trl": trl.__version__},
         "settings": "float32, CPU, eager attention; sequences one at a time; log_softmax in float32, sums and losses in float64",
         "optimizer_step": STEP,
         "cases": [run_case(c, args.models) for c in CASES],

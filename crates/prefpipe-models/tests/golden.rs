@@ -231,14 +231,31 @@ fn greedy_generation_matches_transformers() {
 
 /// Reward-head scores at the last token equal transformers'
 /// `AutoModelForSequenceClassification` logits within 1e-4 relative, batched and
-/// unbatched. Expected: models_golden.py `run_reward`.
+/// unbatched. Expected: models_golden.py `run_reward`. With the chat template a
+/// reward model reads its own template over [user, assistant] (DESIGN §4,
+/// `reward_ids`; models_golden.py `encode_reward_chat`), fed here split before
+/// its last token (`rewards` scores prompt ⊕ response).
 #[test]
 fn rewards_match_transformers() {
     let model = load("tiny-llama-rm");
     let g = golden("tiny-llama-rm");
     let mut worst = 0f64;
     for (mode, chat) in MODES {
-        let pairs = rust_pairs(&model, &g, chat);
+        let pairs = if chat {
+            let gp = g["pairs"].as_array().unwrap();
+            gp.iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let prompt = prefpipe_models::Prompt::Text(p["prompt"].as_str().unwrap());
+                    let mut seq = model.reward_ids(prompt, p["response"].as_str().unwrap(), true).unwrap();
+                    assert_eq!(seq, ids(&p["chat"]["ids"]), "pair {i} chat reward ids");
+                    let last = seq.split_off(seq.len() - 1);
+                    (seq, last)
+                })
+                .collect()
+        } else {
+            rust_pairs(&model, &g, chat)
+        };
         let batched = model.rewards(&pairs).unwrap();
         for (i, p) in g["pairs"].as_array().unwrap().iter().enumerate() {
             let want = f(&p[mode]["reward"]);

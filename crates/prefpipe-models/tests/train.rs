@@ -34,28 +34,36 @@ fn rel_close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * b.abs().max(1e-12)
 }
 
-/// The golden tables, tokenized by `m` per DESIGN §4.
+/// One example's (prompt ids, response ids) per DESIGN §4/§15 (train_golden.py
+/// `encode_example`): each response through `pair_ids`; the prompt is the
+/// shortest prompt part (TRL's k = the smallest common prefix), each response
+/// the rest of its sequence. Without a chat template nothing moves.
+fn encode_example(m: &Model, prompt: &str, responses: &[&str], chat: bool) -> (Vec<u32>, Vec<Vec<u32>>) {
+    let enc: Vec<_> = responses.iter().map(|y| m.pair_ids(prefpipe_models::Prompt::Text(prompt), y, chat).unwrap()).collect();
+    let k = enc.iter().map(|(p, _)| p.len()).min().unwrap();
+    let prompt = enc[0].0[..k].to_vec();
+    (prompt, enc.into_iter().map(|(p, r)| [&p[k..], r.as_slice()].concat()).collect())
+}
+
+/// The golden tables, tokenized by `m` per DESIGN §4/§15.
 fn golden_examples(m: &Model, method: &str, chat: bool) -> Vec<Example> {
     let s = |v: &Value| v.as_str().unwrap().to_string();
     match method {
         "dpo" => jsonl("pairs.jsonl")
             .iter()
             .map(|r| {
-                Example::pair(
-                    m.encode_prompt(&s(&r["prompt"]), chat).unwrap(),
-                    m.encode_response(&s(&r["chosen"])).unwrap(),
-                    m.encode_response(&s(&r["rejected"])).unwrap(),
-                )
+                let (prompt, mut ys) = encode_example(m, &s(&r["prompt"]), &[&s(&r["chosen"]), &s(&r["rejected"])], chat);
+                let rejected = ys.pop().unwrap();
+                Example::pair(prompt, ys.pop().unwrap(), rejected)
             })
             .collect(),
         _ => jsonl("lists.jsonl")
             .iter()
             .map(|r| {
-                Example::list(
-                    m.encode_prompt(&s(&r["prompt"]), chat).unwrap(),
-                    r["responses"].as_array().unwrap().iter().map(|y| m.encode_response(&s(y)).unwrap()).collect(),
-                    r["rewards"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
-                )
+                let responses: Vec<String> = r["responses"].as_array().unwrap().iter().map(s).collect();
+                let refs: Vec<&str> = responses.iter().map(String::as_str).collect();
+                let (prompt, ys) = encode_example(m, &s(&r["prompt"]), &refs, chat);
+                Example::list(prompt, ys, r["rewards"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
             })
             .collect(),
     }
