@@ -151,8 +151,11 @@ fn every_example_pipeline_runs() {
             || p.file_name().unwrap().to_string_lossy().starts_with("real-")
             || p.file_name().unwrap() == "smollm2.yaml"
             || p.file_name().unwrap() == "remote.yaml"
+            || p.file_name().unwrap() == "judge-repeat-ranking.yaml"
         {
-            continue; // real-model pipelines need downloaded weights; remote.yaml servers (tests/e2e/remote.rs runs it)
+            // Real-model pipelines need downloaded weights; remote.yaml and
+            // judge-repeat-ranking.yaml need servers (tests/e2e/remote.rs and judge.rs run them).
+            continue;
         }
         let store = tempfile::tempdir().unwrap();
         let o = prefpipe(&root(), &["run", p.to_str().unwrap(), "--store", store.path().to_str().unwrap()]);

@@ -355,6 +355,7 @@ fn metrics_table_schema() {
         "rejected_logp:Float64",
         "lr:Float64",
         "elapsed_s:Float64",
+        "nll:Float64",
     ];
     assert_eq!(names.iter().map(|(n, t)| format!("{n}:{t}")).collect::<Vec<_>>(), want);
     assert_eq!(b.num_rows(), 3);

@@ -50,6 +50,31 @@ Scripted behaviour (all optional)
   client's request window with these).
 - ``--stall-after K``: after K answers, later requests are read (and logged)
   but never answered: a test can then kill its client at a known point.
+- ``--judge`` (with ``--judge-position-bias B --judge-noise N``): a chat
+  request whose user message holds ``<<<RESPONSE X>>>`` blocks is answered as
+  a listwise judge (DESIGN §12): each response's quality is the first integer
+  in its text (0 when none); its score is round(quality + B if shown first +
+  N·u), u uniform in [0,1) from (canonical body hash, position); the reply is
+  ``<<<EXPLANATION>>>\nid <hash>\n\n<<<RANKING>>>\n`` + the labels by score
+  (``>`` between levels, ``=`` for equal scores), or ``{"ranking": ...}`` when
+  the request has ``response_format``. A prompt containing
+  ``MALFORMED:<reason>`` (``no_ranking``, ``unknown_label``,
+  ``repeated_label``, ``missing_label``) gets a reply of that kind. With
+  ``--log``, each judge answer is logged as ``{"judge": id, "kind": ok|reason,
+  "reply": text, "ranks": {response text: rank}}``.
+  A chat request whose user message holds MT-Bench's ``[The Start of
+  Assistant A's Answer]`` / ``B`` blocks is answered as a pairwise judge: the
+  scores are quality + B if shown first + N·u (not rounded), u from (canonical
+  body hash, position); the verdict is ``C`` when the scores differ by at most
+  ``--judge-tie-margin M`` (default 0), else the higher-scored label; the reply
+  is ``id <hash>\nBy quality.\n\n[[X]]``, or ``{"verdict": "X"}`` with
+  ``response_format``. A prompt containing ``MALFORMED:no_verdict`` gets a reply
+  without a verdict (``{}`` when structured); ``MALFORMED:conflicting_verdicts``
+  one naming both ``[[A]]`` and ``[[B]]`` (structured: ``{"verdict": "A or B"}``,
+  logged as ``no_verdict``, the kind a client must report). With ``--log``:
+  ``{"judge": id, "pairwise": true, "kind": ok|reason, "reply": text, "first":
+  text shown as A, "second": text shown as B, "verdict": "A"|"B"|"C"|null}``.
+  Other requests are answered as without ``--judge``.
 - ``--model NAME --root ROOT``: the ``/v1/models`` entry and the ``model``
   field of answers; with ``--strict-model`` a request naming another model
   gets vLLM's 404 ``The model `x` does not exist.``
@@ -238,7 +263,99 @@ class Scripted:
             await self.serve_for(delay)
         if a.malformed_marker and any(a.malformed_marker in t for t in texts):
             return sha, 200, [], {"id": "cmpl-malformed", "object": "chat.completion", "model": a.model, "usage": {}}
+        if a.judge and path.endswith("/chat/completions"):
+            j = self.judge_answer(body, key)
+            if j is not None:
+                return sha, 200, [], j
         return sha, 200, [], self.completion(path, body, key)
+
+    def judge_answer(self, body, key):
+        """A listwise or pairwise judge's reply (see ``--judge``), or None for other requests."""
+        import re
+        user = next((m.get("content") for m in reversed(body.get("messages") or [])
+                     if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)), None)
+        if user is not None and "[The Start of Assistant A's Answer]\n" in user:
+            return self.pairwise_answer(body, key, user)
+        if user is None or "<<<RESPONSE " not in user:
+            return None
+        parts = re.split(r"<<<RESPONSE ([A-Z])>>>\n", user)
+        head, blocks = parts[0], list(zip(parts[1::2], parts[2::2]))
+        labels = [l for l, _ in blocks]
+        texts = [t[:-2] if t.endswith("\n\n") else t for _, t in blocks]
+        scores = []
+        for i, t in enumerate(texts):
+            m = re.search(r"-?\d+", t)
+            q = int(m.group()) if m else 0
+            u = int.from_bytes(hashlib.sha256(key + b"|judge|" + bytes([i])).digest()[:4], "big") / 2**32
+            scores.append(round(q + (self.a.judge_position_bias if i == 0 else 0.0) + self.a.judge_noise * u))
+        order = sorted(range(len(labels)), key=lambda i: (-scores[i], i))
+        ranking, ranks = "", {}
+        for k, i in enumerate(order):
+            if k > 0:
+                ranking += "=" if scores[i] == scores[order[k - 1]] else ">"
+            ranks[texts[i]] = 1 + sum(1 for j in range(len(labels)) if scores[j] > scores[i])
+            ranking += labels[i]
+        kind = "ok"
+        m = re.search(r"MALFORMED:(no_ranking|unknown_label|repeated_label|missing_label)", head)
+        if m:
+            kind = m.group(1)
+            ranking = {"no_ranking": "", "unknown_label": ranking + ">Z", "repeated_label": ranking + ">" + labels[order[0]],
+                       "missing_label": ranking[:-2]}[kind]
+        jid = key.hex()[:12]
+        if body.get("response_format") is not None:
+            text = json.dumps({"ranking": ranking}) if kind != "no_ranking" else "{}"
+        elif kind == "no_ranking":
+            text = f"<<<EXPLANATION>>>\nid {jid}\nI cannot rank these."
+        else:
+            text = f"<<<EXPLANATION>>>\nid {jid}\nBy quality.\n\n<<<RANKING>>>\n{ranking}\n"
+        self.write_log({"judge": jid, "kind": kind, "reply": text, "ranks": ranks if kind == "ok" else None})
+        pt = prompt_tokens(body)
+        ct = len(text.split())
+        return {
+            "id": "chatcmpl-" + key.hex()[:24], "object": "chat.completion", "created": CREATED, "model": self.a.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+        }
+
+    def pairwise_answer(self, body, key, user):
+        """An MT-Bench pairwise judge's reply (see ``--judge``)."""
+        import re
+        blocks = dict(re.findall(r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", user, re.S))
+        head = user.split("[The Start of Assistant A's Answer]")[0]
+        texts = [blocks.get("A", ""), blocks.get("B", "")]
+        scores = []
+        for i, t in enumerate(texts):
+            m = re.search(r"-?\d+", t)
+            q = int(m.group()) if m else 0
+            u = int.from_bytes(hashlib.sha256(key + b"|pair|" + bytes([i])).digest()[:4], "big") / 2**32
+            scores.append(q + (self.a.judge_position_bias if i == 0 else 0.0) + self.a.judge_noise * u)
+        if abs(scores[0] - scores[1]) <= self.a.judge_tie_margin:
+            verdict = "C"
+        else:
+            verdict = "A" if scores[0] > scores[1] else "B"
+        jid = key.hex()[:12]
+        structured = body.get("response_format") is not None
+        kind = "ok"
+        m = re.search(r"MALFORMED:(no_verdict|conflicting_verdicts)", head)
+        if m:
+            kind = m.group(1)
+        if structured:
+            text = {"ok": json.dumps({"verdict": verdict}), "no_verdict": "{}",
+                    "conflicting_verdicts": json.dumps({"verdict": "A or B"})}[kind]
+            if kind == "conflicting_verdicts":
+                kind = "no_verdict"  # JSON holds one verdict field: what a client sees is no verdict
+        else:
+            text = {"ok": f"id {jid}\nBy quality.\n\n[[{verdict}]]", "no_verdict": f"id {jid}\nI cannot decide.",
+                    "conflicting_verdicts": f"id {jid}\nEither [[A]] or [[B]], hard to say."}[kind]
+        self.write_log({"judge": jid, "pairwise": True, "kind": kind, "reply": text, "first": texts[0], "second": texts[1],
+                        "verdict": verdict if kind == "ok" else None})
+        pt = prompt_tokens(body)
+        ct = len(text.split())
+        return {
+            "id": "chatcmpl-" + key.hex()[:24], "object": "chat.completion", "created": CREATED, "model": self.a.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+        }
 
     async def serve_for(self, delay):
         self.serving += 1
@@ -363,6 +480,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="scripted")
     p.add_argument("--root", default=None, help="root of the /v1/models entry (default: --model)")
     p.add_argument("--strict-model", action="store_true")
+    p.add_argument("--judge", action="store_true")
+    p.add_argument("--judge-position-bias", type=float, default=1.5)
+    p.add_argument("--judge-noise", type=float, default=1.0)
+    p.add_argument("--judge-tie-margin", type=float, default=0.0, help="pairwise: verdict C when |score A - score B| <= this")
     return p.parse_args(argv)
 
 

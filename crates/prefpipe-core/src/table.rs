@@ -217,6 +217,8 @@ pub fn canonical_json(messages: &[Message]) -> String {
 /// does not carry them through (DESIGN §6: pairs keep the per-prompt columns).
 pub fn is_per_sample(name: &str) -> bool {
     matches!(name, col::SAMPLE_IDX | col::RESPONSE | col::N_TOKENS | col::FINISH_REASON | col::REWARD | "repeat" | "rank")
+        // What a pairwise judge writes per sample (DESIGN §12).
+        || matches!(name, "judge_winrate" | "judge_comparisons" | "judge_inconsistent" | "judge_verdicts")
         || name.starts_with("reward_")
         || name.starts_with("logp_")
 }
@@ -268,6 +270,8 @@ pub fn metrics_schema() -> Schema {
         f("rejected_logp", DataType::Float64, false),
         f("lr", DataType::Float64, false),
         f("elapsed_s", DataType::Float64, false),
+        // Token-mean NLL of the objective's NLL term (DPO with `nll_weight` > 0, ORPO); null elsewhere.
+        f("nll", DataType::Float64, true),
     ])
 }
 

@@ -35,7 +35,7 @@ use prefpipe_core::table::{self, col, str_col, u32_col, Need};
 use prefpipe_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::corpus::{self, ceil_count};
+use crate::corpus::{self, ceil_count, cmp_f64};
 use crate::{one_input, DropReason, Input};
 
 /// The strategy name, as written in `strategy: ches`.
@@ -169,7 +169,7 @@ pub fn ches(s_pos: &[f32], s_neg: &[f32], len_pos: usize, len_neg: usize) -> (f6
 /// then row order.
 pub fn dropped(score: &[f64], prompt_id: &[&str], pair_idx: &[(u32, u32)], n_drop: usize) -> Vec<bool> {
     let mut order: Vec<usize> = (0..score.len()).collect();
-    order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then_with(|| prompt_id[a].cmp(prompt_id[b])).then(pair_idx[a].cmp(&pair_idx[b])));
+    order.sort_by(|&a, &b| cmp_f64(score[b], score[a]).then_with(|| prompt_id[a].cmp(prompt_id[b])).then(pair_idx[a].cmp(&pair_idx[b])));
     let mut out = vec![false; score.len()];
     for &i in order.iter().take(n_drop) {
         out[i] = true;
@@ -276,6 +276,9 @@ mod tests {
         let idx = [(0, 1); 4];
         assert_eq!(dropped(&s, &p, &idx, 1), [false, false, true, false]);
         assert_eq!(dropped(&s, &p, &idx, 3), [true, true, true, false]);
+        // −0.0 = +0.0 (IEEE 754): scores [0.0, −0.0] tie, and the tie goes by prompt_id, so
+        // dropping 1 drops prompt `a` (row 1); `total_cmp` put +0.0 first and dropped `b`.
+        assert_eq!(dropped(&[0.0, -0.0], &["b", "a"], &idx[..2], 1), [false, true]);
         // drop 0.5 of 4 → ⌈2⌉ = 2; drop 0.3 of 4 → ⌈1.2⌉ = 2; drop_count 9 → 4; neither → 0.
         assert_eq!(cfg(json!({"drop": 0.5})).drop_of(4), 2);
         assert_eq!(cfg(json!({"drop": 0.3})).drop_of(4), 2);

@@ -71,9 +71,13 @@ pub fn finish<T>(v: T, errs: Vec<ConfigError>) -> Result<T, Vec<ConfigError>> {
     }
 }
 
-/// A total order on finite-or-not f64 keys for sorting (NaN last).
+/// The one order on f64 keys that every ranking, tie and sort of prefpipe
+/// uses: numeric order, with −0.0 = +0.0 as `==` has it (`total_cmp` alone
+/// puts −0.0 before +0.0, so a judge score rounded to −0.0 would lose a tie
+/// it should share), and NaN after every number. A total order, so it is
+/// safe for `sort_by`.
 pub fn cmp_f64(a: f64, b: f64) -> std::cmp::Ordering {
-    a.total_cmp(&b)
+    a.partial_cmp(&b).unwrap_or_else(|| a.is_nan().cmp(&b.is_nan()))
 }
 
 #[cfg(test)]
@@ -92,6 +96,23 @@ mod tests {
         assert_eq!(ceil_count(0.07, 100), 7);
         assert_eq!(ceil_count(0.0, 5), 0);
         assert_eq!(ceil_count(0.5, 0), 0);
+    }
+
+    #[test]
+    fn cmp_f64_ties_signed_zeros_and_puts_nan_last() {
+        use std::cmp::Ordering::*;
+        // IEEE 754 §5.11: −0 and +0 compare equal; `total_cmp` (its totalOrder) would say Less.
+        assert_eq!((-0.0f64).total_cmp(&0.0), Less);
+        assert_eq!(cmp_f64(-0.0, 0.0), Equal);
+        assert_eq!(cmp_f64(0.0, -0.0), Equal);
+        assert_eq!(cmp_f64(-1.0, -0.0), Less);
+        assert_eq!(cmp_f64(f64::NAN, f64::INFINITY), Greater);
+        assert_eq!(cmp_f64(f64::NEG_INFINITY, -f64::NAN), Less);
+        assert_eq!(cmp_f64(f64::NAN, -f64::NAN), Equal);
+        // A stable sort keeps −0.0 and +0.0 in input order.
+        let mut v = [0.0, 1.0, -0.0, f64::NAN, -1.0];
+        v.sort_by(|a, b| cmp_f64(*a, *b));
+        assert_eq!(format!("{v:?}"), "[-1.0, 0.0, -0.0, 1.0, NaN]");
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub enum DropReason {
     OutsideBand,
     /// Among the highest scores a strategy drops, e.g. CHES (counted in pairs).
     AboveThreshold,
+    /// Fewer ok judge rankings than `min_repeats` (counted in prompts).
+    TooFewRankings,
 }
 
 impl DropReason {
@@ -64,6 +66,7 @@ impl DropReason {
             DropReason::NonFiniteLogp => "non_finite_logp",
             DropReason::OutsideBand => "outside_band",
             DropReason::AboveThreshold => "above_threshold",
+            DropReason::TooFewRankings => "too_few_rankings",
         }
     }
 }

@@ -30,7 +30,7 @@ use prefpipe_core::Result;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::corpus;
+use crate::corpus::{self, cmp_f64};
 use crate::groups::{candidates, group_rows, Candidate};
 use crate::pairs;
 use crate::{one_input, DropReason, Input, Strategy, StrategyKind};
@@ -84,7 +84,7 @@ pub fn pick(c: &[Candidate], list_size: Option<u32>) -> Result<Vec<usize>, DropR
     }
     let mut order: Vec<usize> = (0..c.len()).collect();
     // Stable sort by reward descending keeps sample_idx order among ties.
-    order.sort_by(|&a, &b| c[b].reward.total_cmp(&c[a].reward));
+    order.sort_by(|&a, &b| cmp_f64(c[b].reward, c[a].reward));
     if c[order[0]].reward <= c[order[c.len() - 1]].reward {
         return Err(DropReason::Tie);
     }
@@ -199,6 +199,15 @@ mod tests {
         assert_eq!(pick(&c, Some(3)), Ok(vec![3, 0, 4]));
         // list_size 9 > n keeps all 5.
         assert_eq!(pick(&c, Some(9)).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn signed_zeros_tie() {
+        // −0.0 == +0.0 (IEEE 754), so rewards [−0.0, 0.0, 1.0] sort as 1.0 (idx 2), then the
+        // tie −0.0, 0.0 in sample_idx order (idx 0, 1): [2, 0, 1]. `total_cmp` gave [2, 1, 0].
+        assert_eq!(pick(&cands(&[-0.0, 0.0, 1.0]), None), Ok(vec![2, 0, 1]));
+        // All zeros of either sign: every reward equal → tie.
+        assert_eq!(pick(&cands(&[0.0, -0.0]), None), Err(DropReason::Tie));
     }
 
     #[test]

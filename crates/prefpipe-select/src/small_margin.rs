@@ -319,6 +319,19 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn signed_zero_margins_tie() {
+        // rewards [3, 2, 1], r̂ [0.0, −0.0, 0.0]: signed margins 0/1: 0.0 − (−0.0) = 0.0,
+        // 0/2: 0.0, 1/2: −0.0 − 0.0 = −0.0. All equal under IEEE 754 (−0 = +0), so the tie
+        // goes to (chosen 0, rejected 1); `total_cmp` ranked −0.0 first and picked (1, 2).
+        let c = cands(&[3.0, 2.0, 1.0]);
+        let p = pick(&c, &[0.0, -0.0, 0.0], MarginMode::Signed).unwrap();
+        assert_eq!((p.chosen, p.rejected), (0, 1));
+        // Across prompts: b's −0.0 and a's 0.0 tie → prompt_id order keeps a.
+        let r = |p, m| Ranked { prompt_id: p, chosen_idx: 0, rejected_idx: 1, implicit_margin: m };
+        assert_eq!(corpus_keep(&[r("b", -0.0), r("a", 0.0)], 1, MarginMode::Signed), [false, true]);
+    }
+
+    #[test]
     fn equal_rewards_and_singletons_are_dropped() {
         // No pair has differing rewards → tie.
         assert_eq!(pick(&cands(&[1.0, 1.0]), &[0.0, 5.0], MarginMode::Abs), Err(DropReason::Tie));

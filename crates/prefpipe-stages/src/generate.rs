@@ -189,6 +189,7 @@ impl Stage for Generate {
             stop: self.c.stop.clone(),
             chat_template: self.c.chat_template,
             batch_size: self.c.batch_size,
+            response_format: None,
         };
         let results = backend.generate(cx, "samples", &jobs, &params)?;
         let mut kept_rows = Vec::with_capacity(jobs.len());

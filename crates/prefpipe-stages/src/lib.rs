@@ -9,6 +9,7 @@ mod ches;
 pub mod export;
 pub mod filter;
 pub mod generate;
+pub mod judge;
 pub mod logprob;
 mod model_ref;
 mod rules;
@@ -21,4 +22,4 @@ pub mod train;
 
 /// Every stage kind, in the order `prefpipe` documents them.
 pub const KINDS: &[StageKind] =
-    &[source::KIND, generate::KIND, score::KIND, logprob::KIND, select::KIND, filter::KIND, train::KIND, sql::KIND, export::KIND];
+    &[source::KIND, generate::KIND, score::KIND, judge::KIND, logprob::KIND, select::KIND, filter::KIND, train::KIND, sql::KIND, export::KIND];

@@ -1,7 +1,8 @@
-//! `train`: DPO or LiPO-λ (DESIGN §8) on the pipeline's own pairs or lists.
+//! `train`: DPO (sigmoid, SLiC hinge, IPO, robust; optionally + NLL), ORPO,
+//! SimPO or LiPO-λ (DESIGN §8) on the pipeline's own pairs or lists.
 //!
 //! Input: a pairs table (`prompt`, `chosen`, `rejected`) for `method: dpo`,
-//! or a lists table (`prompt`, `responses: list<utf8>`, `rewards:
+//! `orpo` and `simpo`, or a lists table (`prompt`, `responses: list<utf8>`, `rewards:
 //! list<f64>`) for `method: lipo`. Output: the metrics table (DESIGN §6), one
 //! row per optimizer step, also written to `metrics:` when given. The trained
 //! policy is written to `output:` as a Hugging Face directory (safetensors +
@@ -13,7 +14,7 @@
 //! are all equal stay in their batch but carry no preference (`tie`). The
 //! reference log-probs are computed once and cached in the stage's scratch
 //! directory, before the policy trains, so the reference model is not in
-//! memory during training. Checkpoints (weights, AdamW moments, step) go to
+//! memory during training; ORPO and SimPO are reference-free and load none. Checkpoints (weights, AdamW moments, step) go to
 //! scratch every `save_every` steps: a killed run resumes from the last one and
 //! ends with the same weights as an uninterrupted run. They are deleted once
 //! the output is written.
@@ -36,11 +37,12 @@ use crate::model_ref::{device, model_err, sample_seed, ModelRef};
 
 pub const KIND: StageKind = StageKind {
     name: "train",
-    about: "DPO or LiPO-λ training on a pairs or lists table; writes a Hugging Face checkpoint, outputs metrics",
+    about: "DPO (sigmoid/hinge/ipo/robust, + NLL), ORPO, SimPO or LiPO-λ training on a pairs or lists table; writes a Hugging Face checkpoint, outputs metrics",
     arity: Arity::One,
     build: |v| {
-        let c: TrainConfig = from_config(v)?;
+        let mut c: TrainConfig = from_config(v)?;
         c.check()?;
+        c.fill_defaults();
         let model = ModelRef::new("model", &c.model);
         let reference = c.reference.as_deref().map(|r| ModelRef::new("reference", r));
         Ok(Box::new(Train { c, model, reference }))
@@ -52,17 +54,33 @@ pub const KIND: StageKind = StageKind {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// `dpo` (pairs table) or `lipo` (LiPO-λ, lists table).
+    /// `dpo`, `orpo` or `simpo` (pairs table), or `lipo` (LiPO-λ, lists table).
     #[serde(default)]
     pub method: TrainMethod,
+    /// `method: dpo` only: the per-pair loss — `sigmoid` (DPO, default), `hinge` (SLiC),
+    /// `ipo` (IPO) or `robust` (robust DPO, with `label_smoothing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<DpoLossKind>,
+    /// `method: dpo`, `loss: robust`: ε, the assumed share of flipped labels, in [0, 0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_smoothing: Option<f64>,
+    /// `method: dpo`: adds this × the mean NLL over the chosen response tokens of the batch (TRL's `sft` term).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nll_weight: Option<f64>,
+    /// `method: orpo`: λ, the weight of the odds-ratio term (TRL's `ORPOConfig.beta`; default 0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda: Option<f64>,
+    /// `method: simpo`: γ, the target reward margin (default 0.5; TRL's `simpo_gamma`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma: Option<f64>,
     /// The policy to train: a name from `models:` or a model directory.
     pub model: String,
-    /// The reference model (same vocabulary); default: the initial policy.
+    /// The reference model (same vocabulary); default: the initial policy. Not for `orpo` / `simpo`.
     #[serde(default)]
     pub reference: Option<String>,
-    /// β: the strength of the KL anchor to the reference.
-    #[serde(default = "default_beta")]
-    pub beta: f64,
+    /// β: the strength of the KL anchor to the reference (SimPO: the reward scale). Default 0.1; not for `orpo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
     /// Peak learning rate of AdamW.
     #[serde(default = "default_lr")]
     pub lr: f64,
@@ -133,6 +151,25 @@ pub enum TrainMethod {
     Dpo,
     /// LiPO-λ on ranked lists (Liu et al. 2024).
     Lipo,
+    /// ORPO on pairs, reference-free (Hong et al. 2024).
+    Orpo,
+    /// SimPO on pairs, reference-free (Meng et al. 2024).
+    Simpo,
+}
+
+/// The per-pair loss of `method: dpo` (TRL's `loss_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLossKind {
+    /// −log σ(β·h): DPO (Rafailov et al. 2023).
+    #[default]
+    Sigmoid,
+    /// relu(1 − β·h): SLiC (Zhao et al. 2023).
+    Hinge,
+    /// (δ − 1/(2β))² on length-normalised log-ratios: IPO (Azar et al. 2023).
+    Ipo,
+    /// Label-smoothed, unbiased: robust DPO (Chowdhury et al. 2024).
+    Robust,
 }
 
 /// The learning-rate schedule after the warmup.
@@ -217,7 +254,40 @@ impl TrainConfig {
             }
         };
         need(self.lr.is_finite() && self.lr > 0.0, "lr", format!("`lr` must be > 0 (got {})", self.lr));
-        need(self.beta.is_finite() && self.beta > 0.0, "beta", format!("`beta` must be > 0 (got {})", self.beta));
+        if let Some(b) = self.beta {
+            let why = if self.loss == Some(DpoLossKind::Ipo) { " (IPO's target margin is 1/(2β))" } else { "" };
+            need(b.is_finite() && b > 0.0, "beta", format!("`beta` must be > 0{why} (got {b})"));
+        }
+        let m = self.method_name();
+        let only = |what: &str, methods: &str| format!("`{what}` applies to {methods} only, not `method: {m}`");
+        let dpo = self.method == TrainMethod::Dpo;
+        need(self.loss.is_none() || dpo, "loss", only("loss", "`method: dpo`"));
+        need(self.nll_weight.is_none() || dpo, "nll_weight", only("nll_weight", "`method: dpo`"));
+        need(self.lambda.is_none() || self.method == TrainMethod::Orpo, "lambda", only("lambda", "`method: orpo`"));
+        need(self.gamma.is_none() || self.method == TrainMethod::Simpo, "gamma", only("gamma", "`method: simpo`"));
+        need(
+            self.beta.is_none() || self.method != TrainMethod::Orpo,
+            "beta",
+            "`method: orpo` has no β; its odds-ratio weight is `lambda`".into(),
+        );
+        if let Some(e) = self.label_smoothing {
+            need(
+                dpo && self.loss == Some(DpoLossKind::Robust),
+                "label_smoothing",
+                "`label_smoothing` applies to `method: dpo` with `loss: robust` only".into(),
+            );
+            need((0.0..0.5).contains(&e), "label_smoothing", format!("`label_smoothing` must be in [0, 0.5) (got {e})"));
+        }
+        if let Some(a) = self.nll_weight {
+            need(a.is_finite() && a >= 0.0, "nll_weight", format!("`nll_weight` must be ≥ 0 (got {a})"));
+        }
+        if let Some(l) = self.lambda {
+            need(l.is_finite() && l > 0.0, "lambda", format!("`lambda` must be > 0 (got {l})"));
+        }
+        if let Some(g) = self.gamma {
+            need(g.is_finite() && g >= 0.0, "gamma", format!("`gamma` must be ≥ 0 (got {g})"));
+        }
+        need(self.reference.is_none() || !self.reference_free(), "reference", format!("`method: {m}` is reference-free: drop `reference`"));
         need(self.max_steps.is_some() || self.epochs >= 1, "epochs", "`epochs` must be at least 1".into());
         need(self.max_steps != Some(0), "max_steps", "`max_steps` must be at least 1".into());
         need(self.batch_size >= 1, "batch_size", "`batch_size` must be at least 1".into());
@@ -265,13 +335,64 @@ impl TrainConfig {
         }
     }
 
+    fn reference_free(&self) -> bool {
+        matches!(self.method, TrainMethod::Orpo | TrainMethod::Simpo)
+    }
+
+    fn method_name(&self) -> &'static str {
+        match self.method {
+            TrainMethod::Dpo => "dpo",
+            TrainMethod::Lipo => "lipo",
+            TrainMethod::Orpo => "orpo",
+            TrainMethod::Simpo => "simpo",
+        }
+    }
+
+    /// Writes each default the method uses into the config (so the config shows them).
+    fn fill_defaults(&mut self) {
+        match self.method {
+            TrainMethod::Dpo => {
+                self.beta.get_or_insert(default_beta());
+                self.loss.get_or_insert_default();
+                self.nll_weight.get_or_insert(0.0);
+                if self.loss == Some(DpoLossKind::Robust) {
+                    self.label_smoothing.get_or_insert(0.0);
+                }
+            }
+            TrainMethod::Lipo => {
+                self.beta.get_or_insert(default_beta());
+            }
+            TrainMethod::Orpo => {
+                self.lambda.get_or_insert(0.1);
+            }
+            TrainMethod::Simpo => {
+                self.beta.get_or_insert(default_beta());
+                self.gamma.get_or_insert(0.5);
+            }
+        }
+    }
+
     fn options(&self, seed: u64) -> tr::TrainOptions {
         tr::TrainOptions {
             method: match self.method {
                 TrainMethod::Dpo => tr::Method::Dpo,
                 TrainMethod::Lipo => tr::Method::Lipo,
+                TrainMethod::Orpo => tr::Method::Orpo,
+                TrainMethod::Simpo => tr::Method::Simpo,
             },
-            beta: self.beta,
+            beta: match self.method {
+                TrainMethod::Orpo => self.lambda.unwrap_or(0.1),
+                _ => self.beta.unwrap_or(default_beta()),
+            },
+            dpo_loss: match self.loss.unwrap_or_default() {
+                DpoLossKind::Sigmoid => tr::DpoLoss::Sigmoid,
+                DpoLossKind::Hinge => tr::DpoLoss::Hinge,
+                DpoLossKind::Ipo => tr::DpoLoss::Ipo,
+                DpoLossKind::Robust => tr::DpoLoss::Robust,
+            },
+            label_smoothing: self.label_smoothing.unwrap_or(0.0),
+            nll_weight: self.nll_weight.unwrap_or(0.0),
+            gamma: self.gamma.unwrap_or(0.0),
             lr: self.lr,
             epochs: self.epochs,
             max_steps: self.max_steps,
@@ -351,12 +472,12 @@ impl Train {
         let mut too_long = 0;
         let mut ties = 0;
         let pairs = match self.c.method {
-            TrainMethod::Dpo => Some((str_col(input, "chosen")?, str_col(input, "rejected")?)),
             TrainMethod::Lipo => None,
+            _ => Some((str_col(input, "chosen")?, str_col(input, "rejected")?)),
         };
         let lists = match self.c.method {
-            TrainMethod::Dpo => None,
             TrainMethod::Lipo => Some((list_col(input, "responses", DataType::Utf8)?, list_col(input, "rewards", DataType::Float64)?)),
+            _ => None,
         };
         for r in 0..input.num_rows() {
             if prompts.is_null(r) {
@@ -419,7 +540,11 @@ impl Train {
         let marker = serde_json::json!({
             "written_by": format!("prefpipe {} `train` stage `{}`", env!("CARGO_PKG_VERSION"), cx.stage_id),
             "base_model": self.model.dir(cx),
-            "reference": self.reference.as_ref().map_or_else(|| self.model.dir(cx), |r| r.dir(cx)),
+            "reference": if self.c.reference_free() {
+                serde_json::Value::Null
+            } else {
+                self.reference.as_ref().map_or_else(|| self.model.dir(cx), |r| r.dir(cx)).to_string_lossy().into_owned().into()
+            },
             "steps": trainer.step(),
             "config": self.c,
         });
@@ -476,6 +601,7 @@ fn metrics_batch(rows: &[tr::MetricsRow]) -> Result<RecordBatch> {
             f(|m| m.rejected_logp),
             f(|m| m.lr),
             f(|m| m.elapsed_s),
+            Arc::new(Float64Array::from(rows.iter().map(|m| (!m.nll.is_nan()).then_some(m.nll)).collect::<Vec<_>>())),
         ],
     )?)
 }
@@ -501,7 +627,7 @@ impl Stage for Train {
         };
         require(col::PROMPT);
         match self.c.method {
-            TrainMethod::Dpo => {
+            TrainMethod::Dpo | TrainMethod::Orpo | TrainMethod::Simpo => {
                 require("chosen");
                 require("rejected");
             }
@@ -602,11 +728,16 @@ impl Stage for Train {
         // Reference log-probs once, cached in scratch; the reference leaves memory before training.
         // The default reference (the initial policy) is loaded again for inference: the trainable
         // copy's weights are tracked variables, so a forward through them keeps every activation.
-        let ref_dir = self.reference.as_ref().map_or_else(|| self.model.dir(cx), |r| r.dir(cx));
-        let reference = tr::cached_reference_logps(&cx.scratch.join("reference_logps.bin"), &examples, || {
-            tr::reference_logps(&Model::load(&ref_dir, &dev)?, &examples)
-        })
-        .map_err(model_err)?;
+        // ORPO and SimPO are reference-free: no reference model is loaded or cached.
+        let reference = if self.c.reference_free() {
+            Vec::new()
+        } else {
+            let ref_dir = self.reference.as_ref().map_or_else(|| self.model.dir(cx), |r| r.dir(cx));
+            tr::cached_reference_logps(&cx.scratch.join("reference_logps.bin"), &examples, || {
+                tr::reference_logps(&Model::load(&ref_dir, &dev)?, &examples)
+            })
+            .map_err(model_err)?
+        };
         let seed = self.c.seed.unwrap_or_else(|| sample_seed(cx.seed, cx.stage_id, "train", 0));
         let mut trainer =
             tr::Trainer::new(policy, examples, reference, self.c.options(seed), Some(cx.scratch.join("checkpoints"))).map_err(model_err)?;
@@ -634,15 +765,12 @@ impl Stage for Train {
 
 impl Train {
     fn method_name(&self) -> &'static str {
-        match self.c.method {
-            TrainMethod::Dpo => "dpo",
-            TrainMethod::Lipo => "lipo",
-        }
+        self.c.method_name()
     }
     fn table_name(&self) -> &'static str {
         match self.c.method {
-            TrainMethod::Dpo => "pairs (prompt, chosen, rejected)",
             TrainMethod::Lipo => "lists (prompt, responses, rewards)",
+            _ => "pairs (prompt, chosen, rejected)",
         }
     }
 }
@@ -676,5 +804,60 @@ mod tests {
         assert_eq!(c["beta"], 0.1);
         assert_eq!(c["lr_schedule"], "constant");
         assert_eq!(c["save_every"], 50);
+    }
+
+    /// The objectives' bad inputs each fail at their key (exit 2 in the CLI).
+    #[test]
+    fn objective_errors_name_their_key() {
+        let key_of = |yaml: serde_json::Value| -> Vec<(String, String)> {
+            build(yaml).err().expect("refused").iter().map(|e| (format!("{:?}", e.path), e.message.clone())).collect()
+        };
+        let has = |errs: &[(String, String)], key: &str, text: &str| {
+            assert!(errs.iter().any(|(p, m)| p.contains(&format!("Key(\"{key}\")")) && m.contains(text)), "{key}/{text}: {errs:?}")
+        };
+        let base = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"model": "m", "output": "o"});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            v
+        };
+        has(&key_of(base(serde_json::json!({"loss": "ipo", "beta": 0.0}))), "beta", "IPO's target margin is 1/(2β)");
+        for e in [-0.1, 0.5, 0.7] {
+            has(&key_of(base(serde_json::json!({"loss": "robust", "label_smoothing": e}))), "label_smoothing", "[0, 0.5)");
+        }
+        has(&key_of(base(serde_json::json!({"label_smoothing": 0.1}))), "label_smoothing", "`loss: robust` only");
+        has(&key_of(base(serde_json::json!({"method": "orpo", "reference": "r"}))), "reference", "reference-free");
+        has(&key_of(base(serde_json::json!({"method": "simpo", "reference": "r"}))), "reference", "reference-free");
+        has(&key_of(base(serde_json::json!({"method": "simpo", "gamma": -0.5}))), "gamma", "must be ≥ 0");
+        has(&key_of(base(serde_json::json!({"method": "orpo", "beta": 0.2}))), "beta", "`lambda`");
+        has(&key_of(base(serde_json::json!({"method": "orpo", "lambda": 0.0}))), "lambda", "must be > 0");
+        has(&key_of(base(serde_json::json!({"method": "lipo", "loss": "hinge"}))), "loss", "`method: dpo` only");
+        has(&key_of(base(serde_json::json!({"gamma": 1.0}))), "gamma", "`method: simpo` only");
+        has(&key_of(base(serde_json::json!({"nll_weight": -1.0}))), "nll_weight", "≥ 0");
+        has(&key_of(base(serde_json::json!({"loss": "dpo"}))), "loss", "unknown variant");
+    }
+
+    #[test]
+    fn objective_defaults_are_explicit_and_mapped() {
+        let cfg = |yaml: serde_json::Value| {
+            let mut c: TrainConfig = serde_json::from_value(yaml).unwrap();
+            c.check().unwrap();
+            c.fill_defaults();
+            c
+        };
+        let c = cfg(serde_json::json!({"model": "m", "output": "o", "method": "orpo"}));
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["lambda"], 0.1);
+        assert!(v.get("beta").is_none() && v.get("loss").is_none(), "{v}");
+        let o = c.options(0);
+        assert_eq!((o.method, o.beta), (tr::Method::Orpo, 0.1));
+        let c = cfg(serde_json::json!({"model": "m", "output": "o", "method": "simpo", "beta": 2.0}));
+        let o = c.options(0);
+        assert_eq!((o.method, o.beta, o.gamma), (tr::Method::Simpo, 2.0, 0.5));
+        let c = cfg(serde_json::json!({"model": "m", "output": "o", "loss": "robust", "label_smoothing": 0.2, "nll_weight": 1.0}));
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!((v["loss"].as_str(), v["label_smoothing"].as_f64(), v["nll_weight"].as_f64()), (Some("robust"), Some(0.2), Some(1.0)));
+        let o = c.options(0);
+        assert_eq!((o.dpo_loss, o.label_smoothing, o.nll_weight, o.beta), (tr::DpoLoss::Robust, 0.2, 1.0, 0.1));
+        assert!(o.validate().is_ok());
     }
 }

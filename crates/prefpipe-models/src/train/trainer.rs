@@ -1,4 +1,4 @@
-//! The training loop: DPO or LiPO-λ (DESIGN §8) on tokenized examples, with
+//! The training loop: DPO (sigmoid, hinge, IPO, robust; + NLL), ORPO, SimPO or LiPO-λ (DESIGN §8) on tokenized examples, with
 //! AdamW, a warmup + constant/cosine schedule, global-norm clipping, gradient
 //! accumulation, optional LoRA, and checkpoints that make a killed run end
 //! with the same weights as an uninterrupted one.
@@ -42,14 +42,38 @@ pub enum Method {
     Dpo,
     /// Listwise LiPO-λ (Liu et al. 2024).
     Lipo,
+    /// ORPO (Hong et al. 2024), reference-free; `beta` is its λ.
+    Orpo,
+    /// SimPO (Meng et al. 2024), reference-free.
+    Simpo,
+}
+
+impl Method {
+    /// Whether the objective compares against reference log-probs (ORPO and SimPO do not).
+    pub fn needs_reference(self) -> bool {
+        matches!(self, Method::Dpo | Method::Lipo)
+    }
+
+    /// Whether it trains on pairs (everything but LiPO).
+    pub fn pairwise(self) -> bool {
+        self != Method::Lipo
+    }
 }
 
 /// Everything that shapes a training run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainOptions {
     pub method: Method,
-    /// β of DPO / LiPO.
+    /// β of DPO / LiPO / SimPO; λ of ORPO (TRL's `ORPOConfig.beta`).
     pub beta: f64,
+    /// The per-pair loss of DPO.
+    pub dpo_loss: loss::DpoLoss,
+    /// ε of robust DPO, in [0, 0.5).
+    pub label_smoothing: f64,
+    /// α: DPO adds α × the mean NLL over the batch's chosen response tokens.
+    pub nll_weight: f64,
+    /// γ of SimPO (the target reward margin), ≥ 0.
+    pub gamma: f64,
     /// Peak learning rate.
     pub lr: f64,
     pub epochs: u64,
@@ -77,6 +101,10 @@ impl Default for TrainOptions {
         TrainOptions {
             method: Method::Dpo,
             beta: 0.1,
+            dpo_loss: loss::DpoLoss::Sigmoid,
+            label_smoothing: 0.0,
+            nll_weight: 0.0,
+            gamma: 0.0,
             lr: 1e-6,
             epochs: 1,
             max_steps: None,
@@ -100,6 +128,18 @@ impl TrainOptions {
         let bad = |what: &str, expected: &str, got: String| Err(invalid_input(what, expected, got));
         if !(self.beta.is_finite() && self.beta > 0.0) {
             return bad("beta", "a number > 0", self.beta.to_string());
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return bad("label_smoothing", "in [0, 0.5)", self.label_smoothing.to_string());
+        }
+        if self.label_smoothing > 0.0 && !(self.method == Method::Dpo && self.dpo_loss == loss::DpoLoss::Robust) {
+            return bad("label_smoothing", "0 unless `loss: robust`", self.label_smoothing.to_string());
+        }
+        if !(self.nll_weight.is_finite() && self.nll_weight >= 0.0) {
+            return bad("nll_weight", "a number ≥ 0", self.nll_weight.to_string());
+        }
+        if !(self.gamma.is_finite() && self.gamma >= 0.0) {
+            return bad("gamma", "a number ≥ 0", self.gamma.to_string());
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr", "a number > 0", self.lr.to_string());
@@ -165,20 +205,20 @@ pub struct MetricsRow {
     pub lr: f64,
     /// Seconds of training so far (across resumes).
     pub elapsed_s: f64,
+    /// Token-mean NLL of the objective's NLL term (DPO with `nll_weight` > 0,
+    /// ORPO); NaN where there is none.
+    pub nll: f64,
 }
 
 impl MetricsRow {
-    fn to_bits(self) -> [u64; 8] {
-        let f = [self.loss, self.reward_accuracy, self.reward_margin, self.chosen_logp, self.rejected_logp, self.lr, self.elapsed_s];
-        let mut out = [self.step; 8];
-        for (o, x) in out[1..].iter_mut().zip(f) {
-            *o = x.to_bits();
-        }
-        out
+    fn to_bits(self) -> Vec<u64> {
+        let f =
+            [self.loss, self.reward_accuracy, self.reward_margin, self.chosen_logp, self.rejected_logp, self.lr, self.elapsed_s, self.nll];
+        std::iter::once(self.step).chain(f.iter().map(|x| x.to_bits())).collect()
     }
 
-    fn from_bits(b: &[u64; 8]) -> Self {
-        let f = |i: usize| f64::from_bits(b[i]);
+    fn from_bits(b: &[u64]) -> Self {
+        let f = |i: usize| b.get(i).map_or(f64::NAN, |&x| f64::from_bits(x));
         MetricsRow {
             step: b[0],
             loss: f(1),
@@ -188,6 +228,7 @@ impl MetricsRow {
             rejected_logp: f(5),
             lr: f(6),
             elapsed_s: f(7),
+            nll: f(8),
         }
     }
 }
@@ -274,7 +315,7 @@ struct State {
     /// The step each process started from (0, then one entry per resume).
     starts: Vec<u64>,
     /// Each row's fields as f64 bit patterns (JSON numbers do not round-trip every f64 exactly).
-    metrics: Vec<[u64; 8]>,
+    metrics: Vec<Vec<u64>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -325,19 +366,29 @@ impl Trainer {
         if examples.is_empty() {
             return Err(invalid_input("training examples", "at least one", 0));
         }
-        if reference.len() != examples.len() {
+        // ORPO and SimPO take no reference log-probs (an empty list).
+        let reference = if opts.method.needs_reference() { reference } else { Vec::new() };
+        if opts.method.needs_reference() && reference.len() != examples.len() {
             return Err(invalid_input("reference log-probs", format!("{} examples", examples.len()), reference.len()));
         }
-        for (i, (e, r)) in examples.iter().zip(&reference).enumerate() {
-            if e.responses.len() < 2 || e.rewards.len() != e.responses.len() || r.len() != e.responses.len() {
+        for (i, e) in examples.iter().enumerate() {
+            let r = reference.get(i).map_or(e.responses.len(), Vec::len);
+            if e.responses.len() < 2 || e.rewards.len() != e.responses.len() || r != e.responses.len() {
                 return Err(invalid_input(
                     format!("example {i}"),
                     "at least 2 responses, with one reward and one reference log-prob each",
-                    format!("{} responses, {} rewards, {} log-probs", e.responses.len(), e.rewards.len(), r.len()),
+                    format!("{} responses, {} rewards, {} log-probs", e.responses.len(), e.rewards.len(), r),
                 ));
             }
-            if opts.method == Method::Dpo && e.responses.len() != 2 {
-                return Err(invalid_input(format!("example {i}"), "a pair for DPO", format!("{} responses", e.responses.len())));
+            if opts.method.pairwise() && e.responses.len() != 2 {
+                return Err(invalid_input(
+                    format!("example {i}"),
+                    format!("a pair for {:?}", opts.method),
+                    format!("{} responses", e.responses.len()),
+                ));
+            }
+            if opts.method == Method::Orpo && e.prompt.is_empty() {
+                return Err(invalid_input(format!("example {i}"), "a prompt of at least one token for ORPO", "an empty prompt"));
             }
             if e.max_len() > model.max_len() {
                 return Err(Error::SequenceTooLong { index: i, len: e.max_len(), max: model.max_len() });
@@ -458,7 +509,10 @@ impl Trainer {
         (j * g..((j + 1) * g).min(micro)).map(|m| perm[m * b..((m + 1) * b).min(n)].to_vec()).collect()
     }
 
-    /// Log-probs of one micro-batch's sequences (differentiable) and the loss.
+    /// Log-probs of one micro-batch's sequences (differentiable) and the loss;
+    /// `LossOut::grad` aligns with the log-probs tensor. That tensor holds each
+    /// sequence's summed response log-prob; for ORPO, then each chosen
+    /// prompt ⊕ response log-prob (every token after the first).
     fn forward(&self, decoder: &Decoder, idx: &[usize]) -> Result<(Tensor, LossOut)> {
         let mut seqs = Vec::new();
         let mut split = Vec::new();
@@ -470,13 +524,66 @@ impl Trainer {
             }
         }
         let batch = PaddedBatch::right_padded(&seqs, self.pad_id, self.model.device())?;
-        let logps = decoder.sequence_logps(&batch, &split)?;
+        let logps = if self.opts.method == Method::Orpo {
+            // Every token after the first, then segment sums: responses, and the chosen sequences whole.
+            let full: Vec<(usize, usize)> = split.iter().map(|&(p, r)| (1, p + r - 1)).collect();
+            let tok = decoder.response_token_logps(&batch, &full)?;
+            let n = tok.dim(0)?;
+            let rows = split.len() + idx.len();
+            let mut seg = vec![0f32; rows * n];
+            let mut start = 0;
+            for (row, &(p, r)) in split.iter().enumerate() {
+                let len = p + r - 1;
+                seg[row * n + start + len - r..row * n + start + len].fill(1.0);
+                if row % 2 == 0 {
+                    let c = split.len() + row / 2;
+                    seg[c * n + start..c * n + start + len].fill(1.0);
+                }
+                start += len;
+            }
+            let seg = Tensor::from_vec(seg, (rows, n), tok.device())?;
+            seg.matmul(&tok.unsqueeze(1)?)?.squeeze(1)?
+        } else {
+            decoder.sequence_logps(&batch, &split)?
+        };
         let pol: Vec<f64> = logps.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let beta = self.opts.beta;
+        let lens = |i: usize, k: usize| self.examples[i].responses[k].len() as f64;
         let out = match self.opts.method {
             Method::Dpo => {
-                let reference: Vec<f64> = idx.iter().flat_map(|&i| self.reference[i].iter().copied()).collect();
-                loss::dpo(&pol, &reference, beta)
+                let pairs: Vec<loss::PairLogps> = idx
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &i)| loss::PairLogps {
+                        chosen: pol[2 * k],
+                        rejected: pol[2 * k + 1],
+                        ref_chosen: self.reference[i][0],
+                        ref_rejected: self.reference[i][1],
+                        chosen_len: lens(i, 0),
+                        rejected_len: lens(i, 1),
+                    })
+                    .collect();
+                loss::dpo_objective(&pairs, self.opts.dpo_loss, beta, self.opts.label_smoothing, self.opts.nll_weight)
+            }
+            Method::Orpo | Method::Simpo => {
+                let m = idx.len();
+                let pairs: Vec<loss::FreePair> = idx
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &i)| loss::FreePair {
+                        chosen: pol[2 * k],
+                        rejected: pol[2 * k + 1],
+                        chosen_len: lens(i, 0),
+                        rejected_len: lens(i, 1),
+                        chosen_full: pol.get(2 * m + k).copied().unwrap_or(f64::NAN),
+                        chosen_full_len: (self.examples[i].prompt.len() + self.examples[i].responses[0].len()) as f64 - 1.0,
+                    })
+                    .collect();
+                if self.opts.method == Method::Orpo {
+                    loss::orpo(&pairs, beta)
+                } else {
+                    loss::simpo(&pairs, beta, self.opts.gamma)
+                }
             }
             Method::Lipo => {
                 let mut at = 0;
@@ -508,7 +615,7 @@ impl Trainer {
         let decoder = self.decoder()?;
         // Examples that carry a preference (LiPO skips lists whose rewards are all equal).
         let counted = |idx: &[usize]| match self.opts.method {
-            Method::Dpo => idx.len(),
+            Method::Dpo | Method::Orpo | Method::Simpo => idx.len(),
             Method::Lipo => idx.iter().filter(|&&i| loss::normalised_labels(&self.examples[i].rewards).is_some()).count(),
         };
         let n: usize = batches.iter().map(|b| counted(b)).sum();
@@ -551,6 +658,7 @@ impl Trainer {
             rejected_logp: stats.mean_rejected_logp(),
             lr,
             elapsed_s: self.elapsed(),
+            nll: stats.nll(),
         };
         self.metrics.push(row);
         if t.is_multiple_of(self.opts.save_every) || t == self.total_steps {
@@ -643,7 +751,7 @@ impl Trainer {
         let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
         self.opt.load_state(&moments, state.adam_steps)?;
         self.step = state.step;
-        self.metrics = state.metrics.iter().map(MetricsRow::from_bits).collect();
+        self.metrics = state.metrics.iter().map(|b| MetricsRow::from_bits(b)).collect();
         self.elapsed_before = state.elapsed_s;
         self.starts = state.starts;
         self.started = Instant::now();

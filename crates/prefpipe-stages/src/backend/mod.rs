@@ -75,6 +75,9 @@ pub struct GenParams {
     pub chat_template: bool,
     /// Sequences decoded together (local only).
     pub batch_size: usize,
+    /// Constrained output (remote only): sent as the request's
+    /// `response_format`, e.g. `{type: json_schema, json_schema: {...}}`.
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// A drawn response.

@@ -126,6 +126,9 @@ impl Remote {
         b.insert("top_p".into(), json!(params.top_p));
         b.insert("max_tokens".into(), json!(params.max_new_tokens));
         b.insert("stop".into(), json!(params.stop));
+        if let Some(f) = &params.response_format {
+            b.insert("response_format".into(), f.clone());
+        }
         // An OpenAI API rejects parameters it does not know: send them only when set.
         let off_k = match server {
             ServerKind::Llamacpp => 0i64,
