@@ -6,8 +6,8 @@ saved as safetensors with the tiny fixture's tokenizer), same prompts, same
 threads (2), same batch size. Prints tokens/s for both, the ratio, and peak RSS.
 
     cargo build --release --bin prefpipe
-    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors
-    /tmp/venv/bin/python benches/models_vs_transformers.py [--prompts 64] [--new-tokens 64]
+    benches/setup.sh                         # .venv with torch, transformers, duckdb
+    .venv/bin/python benches/models_vs_transformers.py [--prompts 64] [--new-tokens 64]
 """
 import argparse
 import json

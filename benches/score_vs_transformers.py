@@ -17,8 +17,8 @@ Prints sequences/s for both, the ratio, the largest difference between the two
 sides' rewards, and peak RSS.
 
     cargo build --release --bin prefpipe
-    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors
-    /tmp/venv/bin/python benches/score_vs_transformers.py [--rows 2000] [--batch 16] [--threads 2]
+    benches/setup.sh                         # .venv with torch, transformers, duckdb
+    .venv/bin/python benches/score_vs_transformers.py [--rows 2000] [--batch 16] [--threads 2]
 """
 import argparse
 import json

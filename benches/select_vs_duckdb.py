@@ -11,8 +11,8 @@ then runs the same work both ways, 2 threads each:
 and prints the median wall time of each, the ratio, and peak RSS.
 
     cargo build --release --bin prefpipe
-    pip install duckdb
-    python3 benches/select_vs_duckdb.py [--prompts 400000] [--samples 5] [--runs 3]
+    benches/setup.sh                         # .venv with duckdb, torch, transformers
+    .venv/bin/python benches/select_vs_duckdb.py [--prompts 400000] [--samples 5] [--runs 3]
 
 Other strategies: --strategy small_margin | repeat_ranking | max_min (same data;
 logp/judge columns are generated too).

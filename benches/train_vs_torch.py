@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""DPO training steps: prefpipe's `train` stage (candle, CPU) vs the same loop in PyTorch.
+"""Training steps per method: prefpipe's `train` stage (candle, CPU) vs the same loop in PyTorch.
 
 Same ~30M-parameter Llama (built here with transformers from a seeded config,
 saved as safetensors with the tiny fixture's tokenizer), same DPO pairs, same
@@ -10,9 +10,14 @@ steps 2…N (step 1 warms up; prefpipe's from its metrics' `elapsed_s`, which
 is taken after each update); peak memory is each process's max RSS. The
 step-1 and last-step losses of both sides are printed as a check that they do the same work.
 
+`--methods` runs several objectives (DESIGN §8), one prefpipe run and one
+PyTorch loop each: dpo (sigmoid), hinge, ipo, robust (label_smoothing 0.1),
+dpo+nll (nll_weight 1), orpo (lambda 0.1), simpo (beta 2, gamma 1). ORPO and
+SimPO are reference-free, so neither side runs a reference forward for them.
+
     cargo build --release --bin prefpipe     # used as is when target/release/prefpipe has `train`
-    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors
-    /tmp/venv/bin/python benches/train_vs_torch.py [--steps 12] [--batch 8] [--threads 2]
+    benches/setup.sh   # or scripts/setup-venv.sh: .venv with torch and transformers
+    .venv/bin/python benches/train_vs_torch.py [--steps 12] [--batch 8] [--threads 2] [--methods dpo,ipo,orpo,simpo]
 """
 import argparse
 import json
@@ -26,6 +31,18 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(ROOT, "data-samples/models/tiny-llama")
 BIN = os.path.join(ROOT, "target/release/prefpipe")
+
+
+# name → (prefpipe YAML lines for the train stage, uses a reference model)
+METHODS = {
+    "dpo": ("method: dpo\n    beta: 0.1", True),
+    "hinge": ("method: dpo\n    loss: hinge\n    beta: 0.1", True),
+    "ipo": ("method: dpo\n    loss: ipo\n    beta: 0.1", True),
+    "robust": ("method: dpo\n    loss: robust\n    label_smoothing: 0.1\n    beta: 0.1", True),
+    "dpo+nll": ("method: dpo\n    nll_weight: 1.0\n    beta: 0.1", True),
+    "orpo": ("method: orpo\n    lambda: 0.1", False),
+    "simpo": ("method: simpo\n    beta: 2.0\n    gamma: 1.0", False),
+}
 
 
 def build_model(out):
@@ -72,8 +89,8 @@ def timed(cmd, env=None, cwd=None):
     return wall, rss_kib / 1024, p.stdout
 
 
-def run_prefpipe(work, model, data, args):
-    yaml = f"""name: bench-train
+def run_prefpipe(work, model, data, args, method):
+    yaml = f"""name: bench-train-{method.replace("+", "-")}
 stages:
   - id: pairs
     kind: source
@@ -81,9 +98,8 @@ stages:
   - id: train
     kind: train
     input: pairs
-    method: dpo
+    {METHODS[method][0]}
     model: {model}
-    beta: 0.1
     lr: 0.00001
     batch_size: {args.batch}
     max_steps: {args.steps}
@@ -93,6 +109,8 @@ stages:
     output: out/trained
     metrics: out/metrics.parquet
 """
+    work = os.path.join(work, method)
+    os.makedirs(work)
     with open(os.path.join(work, "p.yaml"), "w") as f:
         f.write(yaml)
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), CANDLE_NUM_THREADS=str(args.threads))
@@ -107,8 +125,8 @@ stages:
     return {"steps_per_s": steps_per_s, "step1_loss": first["loss"], "last_loss": last["loss"], "peak_rss_mib": rss, "wall_s": wall}
 
 
-def torch_worker(model_dir, data, steps, batch, threads):
-    """The same DPO loop in PyTorch; prints a JSON line."""
+def torch_worker(model_dir, data, steps, batch, threads, method):
+    """The same training loop in PyTorch (DESIGN §8's loss for `method`); prints a JSON line."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,7 +142,10 @@ def torch_worker(model_dir, data, steps, batch, threads):
         p = tok(r["prompt"], add_special_tokens=True).input_ids
         ex.append([(p, tok(r[k], add_special_tokens=False).input_ids + [eos]) for k in ("chosen", "rejected")])
 
-    def seq_logps(m, seqs):
+    def seq_logps(m, seqs, whole=False):
+        """Summed response log-probs and response token counts per sequence;
+        with `whole`, also the summed log-probs and counts over prompt ⊕ response
+        (ORPO's NLL term, which TRL takes over the whole sequence)."""
         width = max(len(p) + len(y) for p, y in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -134,27 +155,58 @@ def torch_worker(model_dir, data, steps, batch, threads):
         logits = m(input_ids=ids, attention_mask=mask).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
         sel = torch.zeros_like(logp)
+        full = torch.zeros_like(logp)
         for i, (p, y) in enumerate(seqs):
             sel[i, len(p) - 1 : len(p) + len(y) - 1] = 1
-        return (logp * sel).sum(1)
+            full[i, : len(p) + len(y) - 1] = 1
+        out = ((logp * sel).sum(1), sel.sum(1))
+        return out + ((logp * full).sum(1), full.sum(1)) if whole else out
 
     def batch_of(t):
         n = len(ex)
         idx = [((t - 1) * batch + k) % n for k in range(batch)]
         return [s for i in idx for s in ex[i]]  # chosen, rejected per pair
 
-    with torch.no_grad():
-        model.eval()
-        ref = {}
-        for t in range(1, steps + 1):
-            ref[t] = seq_logps(model, batch_of(t)).double()
-        model.train()
+    F = torch.nn.functional
+    ref = {}
+    if METHODS[method][1]:
+        with torch.no_grad():
+            model.eval()
+            for t in range(1, steps + 1):
+                ref[t] = seq_logps(model, batch_of(t))[0].double()
+            model.train()
+
+    def loss_of(t):
+        lp, n, lw, nw = (x.double() for x in seq_logps(model, batch_of(t), whole=True))
+        if method == "orpo":  # TRL ORPOTrainer.odds_ratio_loss, beta = lambda = 0.1
+            a = lp / n
+            log_odds = (a[0::2] - a[1::2]) - (torch.log1p(-torch.exp(a[0::2])) - torch.log1p(-torch.exp(a[1::2])))
+            nll = -lw[0::2].sum() / nw[0::2].sum()
+            return nll - 0.1 * F.logsigmoid(log_odds).mean()
+        if method == "simpo":  # TRL CPOTrainer loss_type simpo, beta 2, gamma_beta_ratio 0.5
+            a = lp / n
+            return -F.logsigmoid(2.0 * (a[0::2] - a[1::2]) - 1.0).mean()
+        d = lp - ref[t]
+        h = d[0::2] - d[1::2]
+        if method in ("dpo", "dpo+nll"):
+            loss = -F.logsigmoid(0.1 * h).mean()
+            if method == "dpo+nll":
+                loss = loss + 1.0 * (-lp[0::2].sum() / n[0::2].sum())
+            return loss
+        if method == "hinge":
+            return torch.relu(1 - 0.1 * h).mean()
+        if method == "ipo":
+            dn = d / n
+            return ((dn[0::2] - dn[1::2]) - 1 / (2 * 0.1)).pow(2).mean()
+        if method == "robust":
+            e = 0.1
+            return ((-(1 - e) * F.logsigmoid(0.1 * h) + e * F.logsigmoid(-0.1 * h)) / (1 - 2 * e)).mean()
+        raise SystemExit(f"unknown method {method}")
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     times, losses = [], []
     for t in range(1, steps + 1):
-        lp = seq_logps(model, batch_of(t)).double()
-        d = lp - ref[t]
-        loss = -torch.nn.functional.logsigmoid(0.1 * (d[0::2] - d[1::2])).mean()
+        loss = loss_of(t)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -171,11 +223,16 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefpipe", default=BIN, help="the binary (default target/release/prefpipe, built when missing)")
-    ap.add_argument("--torch-worker", nargs=2, metavar=("MODEL", "DATA"), help=argparse.SUPPRESS)
+    ap.add_argument("--methods", default="dpo", help=f"comma-separated, of {', '.join(METHODS)}; 'all' for every one")
+    ap.add_argument("--torch-worker", nargs=3, metavar=("MODEL", "DATA", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_worker:
-        torch_worker(*args.torch_worker, args.steps, args.batch, args.threads)
+        torch_worker(*args.torch_worker[:2], args.steps, args.batch, args.threads, args.torch_worker[2])
         return
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            sys.exit(f"--methods: unknown method `{m}` (known: {', '.join(METHODS)})")
     BIN = os.path.abspath(args.prefpipe)
     if BIN == os.path.join(ROOT, "target/release/prefpipe"):
         ensure_binary()
@@ -187,19 +244,22 @@ def main():
             for r in pairs(args.steps * args.batch):
                 f.write(json.dumps(r) + "\n")
         load = [os.getloadavg()[0]]
-        ours = run_prefpipe(work, model, data, args)
-        load.append(os.getloadavg()[0])
-        wall, rss, out = timed([sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--batch", str(args.batch),
-                                "--threads", str(args.threads), "--torch-worker", model, data])
-        theirs = json.loads(out.strip().splitlines()[-1]) | {"peak_rss_mib": rss, "wall_s": wall}
-        load.append(os.getloadavg()[0])
-    print(f"model: {n_params / 1e6:.1f}M parameters, f32, CPU, {args.threads} threads; DPO, batch {args.batch} pairs, {args.steps} steps")
-    print(f"{'':10} {'steps/s':>8} {'step-1 loss':>12} {f'step-{args.steps} loss':>13} {'peak RSS':>12} {'wall':>8}")
-    for name, r in (("prefpipe", ours), ("pytorch", theirs)):
-        print(f"{name:10} {r['steps_per_s']:8.3f} {r['step1_loss']:12.6f} {r['last_loss']:13.6f} {r['peak_rss_mib']:8.0f} MiB {r['wall_s']:7.1f}s")
-    print(f"ratio (prefpipe / pytorch steps/s): {ours['steps_per_s'] / theirs['steps_per_s']:.2f}")
-    # Other processes on the machine skew the figures: the 1-minute load average at start, between, end.
-    print(f"load average: {load[0]:.2f} → {load[1]:.2f} → {load[2]:.2f} on {os.cpu_count()} CPUs")
+        results = []
+        for m in methods:
+            ours = run_prefpipe(work, model, data, args, m)
+            wall, rss, out = timed([sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--batch", str(args.batch),
+                                    "--threads", str(args.threads), "--torch-worker", model, data, m])
+            theirs = json.loads(out.strip().splitlines()[-1]) | {"peak_rss_mib": rss, "wall_s": wall}
+            results.append((m, ours, theirs))
+            load.append(os.getloadavg()[0])
+    print(f"model: {n_params / 1e6:.1f}M parameters, f32, CPU, {args.threads} threads; batch {args.batch} pairs, {args.steps} steps")
+    print(f"{'method':9} {'':10} {'steps/s':>8} {'step-1 loss':>12} {f'step-{args.steps} loss':>13} {'peak RSS':>12} {'wall':>8}")
+    for m, ours, theirs in results:
+        for name, r in (("prefpipe", ours), ("pytorch", theirs)):
+            print(f"{m:9} {name:10} {r['steps_per_s']:8.3f} {r['step1_loss']:12.6f} {r['last_loss']:13.6f} {r['peak_rss_mib']:8.0f} MiB {r['wall_s']:7.1f}s")
+        print(f"{m:9} ratio (prefpipe / pytorch steps/s): {ours['steps_per_s'] / theirs['steps_per_s']:.2f}")
+    # Other processes on the machine skew the figures: the 1-minute load average at start and after each method.
+    print("load average: " + " → ".join(f"{x:.2f}" for x in load) + f" on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
