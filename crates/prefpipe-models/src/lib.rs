@@ -29,6 +29,7 @@
 pub mod codec;
 pub mod config;
 pub mod decoder;
+pub mod digest_cache;
 pub mod error;
 pub mod fixture;
 pub mod generate;
@@ -37,7 +38,7 @@ pub mod model;
 pub mod tokenizer;
 pub mod train;
 
-pub use candle_core::Device;
+pub use candle_core::{Device, DeviceLocation};
 pub use codec::{Codec, Prompt};
 pub use config::{Family, HeadKind, ModelConfig};
 pub use error::{Error, Result};

@@ -127,7 +127,8 @@ impl Digest {
 }
 
 /// blake3 (hex) of the model's config, tokenizer/generation files and weight
-/// files, without loading the model; equals [`Model::digest`].
+/// files, without loading the model; equals [`Model::digest`]. Remembered by
+/// the files' stat in [`crate::digest_cache`], so a second plan reads no weights.
 pub fn model_digest(dir: &Path) -> Result<String> {
     let mut d = Digest::new();
     let files: Vec<PathBuf> = if dir.is_file() {
@@ -138,6 +139,10 @@ pub fn model_digest(dir: &Path) -> Result<String> {
         files.extend(weight_files(dir)?);
         files
     };
+    let key = crate::digest_cache::key(&files);
+    if let Some(d) = key.as_deref().and_then(crate::digest_cache::get) {
+        return Ok(d);
+    }
     for p in files {
         let io = |source| Error::Io { path: p.clone(), source };
         let mut f = std::fs::File::open(&p).map_err(io)?;
@@ -152,7 +157,11 @@ pub fn model_digest(dir: &Path) -> Result<String> {
             d.0.update(&buf[..n]);
         }
     }
-    Ok(d.0.finalize().to_hex().to_string())
+    let digest = d.0.finalize().to_hex().to_string();
+    if let Some(k) = key {
+        crate::digest_cache::put(&k, &digest);
+    }
+    Ok(digest)
 }
 
 impl Model {
@@ -301,6 +310,7 @@ impl Model {
             let src = self.dir.join(name);
             if src.is_file() {
                 std::fs::copy(&src, out.join(name)).map_err(|source| Error::Io { path: src.clone(), source })?;
+                crate::fixture::set_default_permissions(&out.join(name))?;
             }
         }
         Ok(())
