@@ -8,9 +8,16 @@
 //! Conventions shared by every strategy (DESIGN §7):
 //! - rows with a non-finite reward are dropped first (`non_finite_reward`, counted in rows);
 //! - ties between candidates break toward the lowest `sample_idx`;
+//! - rows with a null `prompt` or `response` are dropped first too
+//!   (`null_prompt`, `null_response`, in rows), never read as "";
+//! - a prompt with two rows of one `sample_idx` is bad input (exit 2);
 //! - a pair is emitted only when `chosen_reward > rejected_reward`, otherwise
-//!   the prompt is dropped as `tie`;
-//! - prompts with fewer than two usable samples are dropped as `too_few_samples`.
+//!   the prompt is dropped as `tie`; and only when its chosen and rejected
+//!   texts differ, otherwise it is dropped as `identical_responses`;
+//! - prompts with fewer than two usable samples are dropped as `too_few_samples`;
+//! - every comparison of scores treats −0.0 and +0.0 as equal ([`corpus::cmp_f64`]);
+//! - an input column the output would overwrite (`chosen`, `margin`, …) is a
+//!   plan error, not silently replaced.
 
 use arrow::datatypes::{Schema, SchemaRef};
 
@@ -54,6 +61,13 @@ pub enum DropReason {
     AboveThreshold,
     /// Fewer ok judge rankings than `min_repeats` (counted in prompts).
     TooFewRankings,
+    /// A null `response` (counted in rows): never read as "".
+    NullResponse,
+    /// A null `prompt` (counted in rows): never read as "".
+    NullPrompt,
+    /// The pair's chosen and rejected texts are the same, or every response
+    /// of a list is (counted in prompts, or pairs for `all_points`).
+    IdenticalResponses,
 }
 
 impl DropReason {
@@ -67,6 +81,9 @@ impl DropReason {
             DropReason::OutsideBand => "outside_band",
             DropReason::AboveThreshold => "above_threshold",
             DropReason::TooFewRankings => "too_few_rankings",
+            DropReason::NullResponse => "null_response",
+            DropReason::NullPrompt => "null_prompt",
+            DropReason::IdenticalResponses => "identical_responses",
         }
     }
 }

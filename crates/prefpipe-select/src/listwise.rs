@@ -105,12 +105,13 @@ impl Strategy for Listwise {
     }
     fn plan(&self, inputs: &[Input]) -> Result<SchemaRef, Vec<ConfigError>> {
         let input = one_input(KIND.name, inputs)?;
-        let errs = pairs::require_scored(input.schema, input.id);
+        let mut fields = table::lists_fields();
+        fields.push(sample_idxs_field());
+        let mut errs = pairs::require_scored(input.schema, input.id);
+        errs.extend(pairs::collisions(input.schema, input.id, &fields));
         if !errs.is_empty() {
             return Err(errs);
         }
-        let mut fields = table::lists_fields();
-        fields.push(sample_idxs_field());
         let carry = pairs::carried(input.schema, &fields);
         fields.extend(carry);
         Ok(Arc::new(Schema::new(fields)))
@@ -118,11 +119,21 @@ impl Strategy for Listwise {
     fn run(&self, inputs: &[RecordBatch], schema: &SchemaRef) -> Result<Output> {
         let input = &inputs[0];
         let groups = group_rows(input)?;
-        let (cands, non_finite) = candidates(input, &groups, col::REWARD)?;
-        let picks: Vec<_> =
-            cands.par_iter().map(|c| pick(c, self.list_size).map(|ps| ps.into_iter().map(|p| c[p]).collect::<Vec<_>>())).collect();
+        let (cands, dropped) = candidates(input, &groups, col::REWARD)?;
+        let texts = pairs::Texts::of(input)?;
+        // A list of copies of one text (SimPO's scripts drop such prompts) carries no preference.
+        let all_same = |c: &[Candidate]| c.iter().all(|x| texts.same(x.row, c[0].row));
+        let picks: Vec<_> = cands
+            .par_iter()
+            .map(|c| {
+                if c.len() >= 2 && all_same(c) {
+                    return Err(DropReason::IdenticalResponses);
+                }
+                pick(c, self.list_size).map(|ps| ps.into_iter().map(|p| c[p]).collect::<Vec<_>>())
+            })
+            .collect();
         let mut out = Output::default();
-        out.drop(DropReason::NonFiniteReward.as_str(), non_finite);
+        dropped.record(&mut out);
         let response = str_col(input, col::RESPONSE)?;
         let mut responses = ListBuilder::new(StringBuilder::new());
         let mut rewards = ListBuilder::new(Float64Builder::new());

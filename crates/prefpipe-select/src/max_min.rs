@@ -52,10 +52,14 @@ impl Strategy for MaxMin {
     fn run(&self, inputs: &[RecordBatch], schema: &SchemaRef) -> Result<Output> {
         let input = &inputs[0];
         let groups = group_rows(input)?;
-        let (cands, non_finite) = candidates(input, &groups, "reward")?;
-        let picks: Vec<_> = cands.par_iter().map(|c| pick(c).map(|(a, b)| (c[a].row, c[b].row))).collect();
+        let (cands, dropped) = candidates(input, &groups, "reward")?;
+        let texts = pairs::Texts::of(input)?;
+        let picks: Vec<_> = cands
+            .par_iter()
+            .map(|c| pick(c).map(|(a, b)| (c[a].row, c[b].row)).and_then(|(a, b)| texts.distinct(a, b).map(|_| (a, b))))
+            .collect();
         let mut out = Output::default();
-        out.drop(DropReason::NonFiniteReward.as_str(), non_finite);
+        dropped.record(&mut out);
         let mut rows = PairRows::default();
         for p in picks {
             match p {

@@ -55,7 +55,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{self, cmp_f64, quantile_linear};
-use crate::groups::{candidates, group_rows, Candidate, Groups};
+use crate::groups::{candidates_with, group_rows, Candidate, Groups};
 use crate::pairs::{self, PairRows};
 use crate::{DropReason, Input, Strategy, StrategyKind};
 
@@ -339,14 +339,30 @@ fn judge_samples(b: &RecordBatch) -> Result<RecordBatch> {
         .map(|r| r as u32)
         .collect();
     let take = arrow::array::UInt32Array::from(keep);
-    let mut fields: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
-    let mut cols: Vec<ArrayRef> =
-        b.columns().iter().map(|c| arrow::compute::take(c, &take, None)).collect::<std::result::Result<_, _>>()?;
-    if b.column_by_name(col::REWARD).is_none() {
-        fields.push(Field::new(col::REWARD, DataType::Float64, true));
-        cols.push(Arc::new(Float64Array::from(vec![None::<f64>; take.len()])));
+    with_null_reward(&arrow::compute::take_record_batch(b, &take)?)
+}
+
+/// `b`, with a null `reward` column when it has none.
+fn with_null_reward(b: &RecordBatch) -> Result<RecordBatch> {
+    if b.column_by_name(col::REWARD).is_some() {
+        return Ok(b.clone());
     }
+    let mut fields: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+    fields.push(Field::new(col::REWARD, DataType::Float64, true));
+    cols.push(Arc::new(Float64Array::from(vec![None::<f64>; b.num_rows()])));
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
+}
+
+/// The pairs columns and this strategy's; without a `reward` in the input,
+/// `chosen_reward`, `rejected_reward` and `margin` are null (DESIGN §7).
+fn output_fields(unscored: bool) -> Vec<Field> {
+    let mut fields: Vec<Field> = table::pairs_fields()
+        .into_iter()
+        .map(|f| if unscored && matches!(f.name().as_str(), "chosen_reward" | "rejected_reward" | "margin") { f.with_nullable(true) } else { f })
+        .collect();
+    fields.extend(["kendall_w", "chosen_borda", "rejected_borda"].map(|n| Field::new(n, DataType::Float64, false)));
+    fields
 }
 
 /// The ballots of one prompt's items from the rankings table, re-ranked over the items.
@@ -417,18 +433,11 @@ impl Strategy for RepeatRanking {
                 if !errs.is_empty() {
                     return Err(errs);
                 }
-                let nullable = one.schema.field_with_name(col::REWARD).is_err();
-                let mut fields: Vec<Field> = table::pairs_fields()
-                    .into_iter()
-                    .map(|f| {
-                        if nullable && matches!(f.name().as_str(), "chosen_reward" | "rejected_reward" | "margin") {
-                            f.with_nullable(true)
-                        } else {
-                            f
-                        }
-                    })
-                    .collect();
-                fields.extend(["kendall_w", "chosen_borda", "rejected_borda"].map(|n| Field::new(n, DataType::Float64, false)));
+                let mut fields = output_fields(one.schema.field_with_name(col::REWARD).is_err());
+                let clash = pairs::collisions(one.schema, one.id, &fields);
+                if !clash.is_empty() {
+                    return Err(clash);
+                }
                 let mut taken = fields.clone();
                 taken.extend(JUDGE_COLUMNS.map(|c| Field::new(c, DataType::Null, true)));
                 let carry = pairs::carried(one.schema, &taken);
@@ -475,12 +484,14 @@ impl Strategy for RepeatRanking {
         if self.min_repeats.is_some() {
             errs.push(corpus::err("min_repeats", "`min_repeats` applies to a judge table (`kind: judge` output) as the one input"));
         }
-        errs.extend(pairs::require_scored(scored.schema, scored.id));
+        // Borda decides the pair; `reward` is only carried, so it may be absent.
+        let unscored = scored.schema.field_with_name(col::REWARD).is_err();
+        let mut fields = output_fields(unscored);
+        errs.extend(if unscored { pairs::require_samples(scored.schema, scored.id) } else { pairs::require_scored(scored.schema, scored.id) });
+        errs.extend(pairs::collisions(scored.schema, scored.id, &fields));
         if !errs.is_empty() {
             return Err(errs);
         }
-        let mut fields = table::pairs_fields();
-        fields.extend(["kendall_w", "chosen_borda", "rejected_borda"].map(|n| Field::new(n, DataType::Float64, false)));
         let mut taken = fields.clone();
         for r in self.rankers.iter().flatten() {
             taken.push(Field::new(r, DataType::Null, true));
@@ -493,9 +504,11 @@ impl Strategy for RepeatRanking {
         if self.rankers.is_none() && inputs.len() == 1 && is_judge_table(&inputs[0].schema()) {
             return self.run_judge(&inputs[0], schema);
         }
-        let input = &inputs[0];
+        let unscored = inputs[0].column_by_name(col::REWARD).is_none();
+        let input = &with_null_reward(&inputs[0])?;
         let groups = group_rows(input)?;
-        let (cands, mut non_finite) = candidates(input, &groups, col::REWARD)?;
+        let (cands, mut dropped) = candidates_with(input, &groups, (!unscored).then_some(col::REWARD))?;
+        let texts = pairs::Texts::of(input)?;
         let table;
         let source = match &self.rankers {
             Some(r) => Source::Columns(r.iter().map(|c| f64_col(input, c)).collect::<Result<_>>()?),
@@ -515,7 +528,7 @@ impl Strategy for RepeatRanking {
                     let before = cs.len();
                     let kept: Vec<Candidate> =
                         cs.into_iter().filter(|c| cols.iter().all(|a| !a.is_null(c.row) && a.value(c.row).is_finite())).collect();
-                    non_finite += (before - kept.len()) as u64;
+                    dropped.non_finite += (before - kept.len()) as u64;
                     kept
                 })
                 .collect(),
@@ -554,7 +567,7 @@ impl Strategy for RepeatRanking {
             (None, None) => None,
         };
         let mut out = Output::default();
-        out.drop(DropReason::NonFiniteReward.as_str(), non_finite);
+        dropped.record(&mut out);
         let mut rows = PairRows::default();
         let (mut ws, mut cb, mut rb) = (Vec::new(), Vec::new(), Vec::new());
         for (g, p) in picks.into_iter().enumerate() {
@@ -569,6 +582,9 @@ impl Strategy for RepeatRanking {
                 }
             }
             match p {
+                Ok(p) if texts.same(cands[g][p.chosen].row, cands[g][p.rejected].row) => {
+                    out.drop(DropReason::IdenticalResponses.as_str(), 1);
+                }
                 Ok(p) => {
                     rows.push(cands[g][p.chosen].row, cands[g][p.rejected].row);
                     ws.push(p.w);
@@ -593,24 +609,10 @@ impl RepeatRanking {
         let input = judge_samples(judged)?;
         let groups = group_rows(&input)?;
         let has_reward = judged.column_by_name(col::REWARD).is_some();
-        let (cands, non_finite) = if has_reward {
-            candidates(&input, &groups, col::REWARD)?
-        } else {
-            let idx = u32_col(&input, col::SAMPLE_IDX)?;
-            let c = groups
-                .rows
-                .iter()
-                .map(|rows| {
-                    let mut c: Vec<Candidate> =
-                        rows.iter().map(|&r| Candidate { row: r, sample_idx: idx.value(r), reward: f64::NAN }).collect();
-                    c.sort_by_key(|c| c.sample_idx);
-                    c
-                })
-                .collect();
-            (c, 0)
-        };
+        let texts = pairs::Texts::of(&input)?;
+        let (cands, dropped) = candidates_with(&input, &groups, has_reward.then_some(col::REWARD))?;
         let mut out = Output::default();
-        out.drop(DropReason::NonFiniteReward.as_str(), non_finite);
+        dropped.record(&mut out);
         let mut picks: Vec<Option<Outcome>> = Vec::with_capacity(cands.len());
         for (g, c) in cands.iter().enumerate() {
             let id = prompt_id(&groups, g);
@@ -681,6 +683,9 @@ impl RepeatRanking {
                 }
             }
             match p {
+                Ok(p) if texts.same(cands[g][p.chosen].row, cands[g][p.rejected].row) => {
+                    out.drop(DropReason::IdenticalResponses.as_str(), 1);
+                }
                 Ok(p) => {
                     rows.push(cands[g][p.chosen].row, cands[g][p.rejected].row);
                     ws.push(p.w);
@@ -828,6 +833,28 @@ mod tests {
         let out = testkit::run(&cfg(json!({"rankers": ["j1", "j2"], "keep": 0.5})), &[b]).unwrap();
         assert_eq!(col_strings(&testkit::one(&out), "prompt_id"), ["a", "c"]);
         assert_eq!(drops(&out, "below_threshold"), 1);
+    }
+
+    #[test]
+    fn without_rewards_the_borda_pair_has_null_rewards() {
+        // DESIGN §7: Borda is the preference; chosen_reward/rejected_reward are carried for
+        // information, null when the input has none. `three_prompts` without `reward`: the same
+        // pairs as `rankers_columns_end_to_end` (a: 0 over 2, c: 2 over 0), rewards null.
+        let b = three_prompts();
+        let b = b.project(&(0..b.num_columns()).filter(|&i| b.schema().field(i).name() != "reward").collect::<Vec<_>>()).unwrap();
+        let out = testkit::run(&cfg(json!({"rankers": ["j1", "j2"]})), &[b]).unwrap();
+        let o = testkit::one(&out);
+        assert_eq!(col_strings(&o, "chosen_idx"), ["0", "2"]);
+        assert_eq!(col_strings(&o, "kendall_w"), ["1.0", "0.8"]);
+        for c in ["chosen_reward", "rejected_reward", "margin"] {
+            assert_eq!(o.column_by_name(c).unwrap().null_count(), 2, "{c}");
+        }
+        assert_eq!(drops(&out, "non_finite_reward"), 0);
+        // Borda orients the pair even against the reward: a's rewards are [0.1, 0.2, 0.3] and
+        // its rankers prefer idx 0 over idx 2, so the pair is (0, 2) with margin 0.1 − 0.3 < 0.
+        let out = testkit::run(&cfg(json!({"rankers": ["j1", "j2"]})), &[three_prompts()]).unwrap();
+        let o = testkit::one(&out);
+        assert_eq!(col_strings(&o, "margin")[0], format!("{}", 0.1 - 0.3));
     }
 
     #[test]

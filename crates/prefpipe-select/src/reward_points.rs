@@ -181,13 +181,19 @@ impl Strategy for RewardPoints {
     fn run(&self, inputs: &[RecordBatch], schema: &SchemaRef) -> Result<Output> {
         let input = &inputs[0];
         let groups = group_rows(input)?;
-        let (cands, non_finite) = candidates(input, &groups, "reward")?;
+        let (cands, dropped) = candidates(input, &groups, "reward")?;
+        let texts = pairs::Texts::of(input)?;
         let picks: Vec<_> = cands
             .par_iter()
-            .map(|c| pick(c, self).into_iter().map(|r| r.map(|(a, b, m, s, p)| (c[a].row, c[b].row, m, s, p))).collect::<Vec<_>>())
+            .map(|c| {
+                pick(c, self)
+                    .into_iter()
+                    .map(|r| r.and_then(|(a, b, m, s, p)| texts.distinct(c[a].row, c[b].row).map(|_| (c[a].row, c[b].row, m, s, p))))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let mut out = Output::default();
-        out.drop(DropReason::NonFiniteReward.as_str(), non_finite);
+        dropped.record(&mut out);
         let mut rows = PairRows::default();
         let (mut means, mut stds, mut points) = (Vec::new(), Vec::new(), Vec::new());
         for p in picks.into_iter().flatten() {

@@ -130,11 +130,21 @@ pub fn rank_value(m: f64, mode: MarginMode) -> f64 {
 /// The pair of one prompt. `rhat[i]` is the implicit reward of `c[i]`;
 /// `c` is sorted by sample_idx (as [`candidates`] returns it).
 pub fn pick(c: &[Candidate], rhat: &[f64], mode: MarginMode) -> Result<Pick, DropReason> {
+    pick_distinct(c, rhat, mode, |_, _| false)
+}
+
+/// [`pick`] among the pairs whose texts differ (`same(i, j)` says when
+/// `c[i]` and `c[j]` are copies of one text): two copies have the same
+/// log-probs, so their margin would be 0, the smallest of all. A prompt
+/// whose only pairs with differing rewards are copies is dropped as
+/// `identical_responses`.
+pub fn pick_distinct(c: &[Candidate], rhat: &[f64], mode: MarginMode, same: impl Fn(usize, usize) -> bool) -> Result<Pick, DropReason> {
     debug_assert_eq!(c.len(), rhat.len());
     if c.len() < 2 {
         return Err(DropReason::TooFewSamples);
     }
     let mut best: Option<(f64, u32, u32, Pick)> = None;
+    let mut copies = false;
     for i in 0..c.len() {
         for j in i + 1..c.len() {
             let (hi, lo) = if c[i].reward > c[j].reward {
@@ -144,6 +154,10 @@ pub fn pick(c: &[Candidate], rhat: &[f64], mode: MarginMode) -> Result<Pick, Dro
             } else {
                 continue;
             };
+            if same(i, j) {
+                copies = true;
+                continue;
+            }
             let m = rhat[hi] - rhat[lo];
             let key = (rank_value(m, mode), c[hi].sample_idx, c[lo].sample_idx);
             let better = match &best {
@@ -155,7 +169,7 @@ pub fn pick(c: &[Candidate], rhat: &[f64], mode: MarginMode) -> Result<Pick, Dro
             }
         }
     }
-    best.map(|b| b.3).ok_or(DropReason::Tie)
+    best.map(|b| b.3).ok_or(if copies { DropReason::IdenticalResponses } else { DropReason::Tie })
 }
 
 /// A pair competing in the corpus cut.
@@ -213,7 +227,8 @@ impl Strategy for SmallMargin {
     fn run(&self, inputs: &[RecordBatch], schema: &SchemaRef) -> Result<Output> {
         let input = &inputs[0];
         let groups = group_rows(input)?;
-        let (cands, non_finite) = candidates(input, &groups, col::REWARD)?;
+        let (cands, dropped) = candidates(input, &groups, col::REWARD)?;
+        let texts = pairs::Texts::of(input)?;
         let lp = f64_col(input, col::LOGP_POLICY)?;
         let lr = f64_col(input, col::LOGP_REFERENCE)?;
         let value = |a: &Float64Array, r: usize| if a.is_null(r) { f64::NAN } else { a.value(r) };
@@ -234,10 +249,15 @@ impl Strategy for SmallMargin {
                 (keep, rhat)
             })
             .collect();
-        let picks: Vec<Result<(Candidate, Candidate, f64), DropReason>> =
-            scored.par_iter().map(|(c, r)| pick(c, r, self.margin_mode).map(|p| (c[p.chosen], c[p.rejected], p.implicit_margin))).collect();
+        let picks: Vec<Result<(Candidate, Candidate, f64), DropReason>> = scored
+            .par_iter()
+            .map(|(c, r)| {
+                pick_distinct(c, r, self.margin_mode, |i, j| texts.same(c[i].row, c[j].row))
+                    .map(|p| (c[p.chosen], c[p.rejected], p.implicit_margin))
+            })
+            .collect();
         let mut out = Output::default();
-        out.drop(DropReason::NonFiniteReward.as_str(), non_finite);
+        dropped.record(&mut out);
         out.drop(DropReason::NonFiniteLogp.as_str(), bad_logp);
         let mut found = Vec::new();
         let mut ranked = Vec::new();

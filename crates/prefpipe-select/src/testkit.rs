@@ -74,6 +74,24 @@ pub fn col_strings(b: &RecordBatch, name: &str) -> Vec<String> {
     (0..b.num_rows()).map(|i| f.value(i).to_string()).collect()
 }
 
+/// `b` with its `response` column replaced by `texts` (one per row), for
+/// duplicate-text cases.
+pub fn with_responses(b: &RecordBatch, texts: &[&str]) -> RecordBatch {
+    let i = b.schema().index_of("response").unwrap();
+    let mut cols = b.columns().to_vec();
+    cols[i] = Arc::new(StringArray::from(texts.to_vec()));
+    RecordBatch::try_new(b.schema(), cols).unwrap()
+}
+
+/// `b` plus a Utf8 column `name` (one value per row).
+pub fn with_text_column(b: &RecordBatch, name: &str, values: &[&str]) -> RecordBatch {
+    let mut fields: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(name, DataType::Utf8, false));
+    let mut cols = b.columns().to_vec();
+    cols.push(Arc::new(StringArray::from(values.to_vec())));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+}
+
 /// Drop count for a reason, 0 when absent.
 pub fn drops(out: &Output, reason: &str) -> u64 {
     out.drops.get(reason).copied().unwrap_or(0)
