@@ -205,3 +205,31 @@ fn a_missing_pipeline_file() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("/nonexistent/p.yaml: cannot read pipeline"), "{}", stderr(&o));
 }
+
+/// GOOD plus a `margin` filter between `pairs` and `export`, with `threshold`
+/// as its last line (line 14).
+fn with_margin_filter(threshold: &str) -> Vec<u8> {
+    let filter = format!("  - id: wide\n    kind: filter\n    input: pairs\n    strategy: margin\n    {threshold}\n");
+    good_with("  - id: export\n    kind: export\n    input: pairs\n", &format!("{filter}  - id: export\n    kind: export\n    input: wide\n"))
+}
+
+#[test]
+fn non_finite_thresholds_name_their_key() {
+    // JSON has no NaN: read as null, `min_margin: .nan` used to mean "no threshold" and kept every pair.
+    let e = rejected(&with_margin_filter("min_margin: .nan"));
+    assert!(e.contains("pipeline.yaml:14:17: stage `wide`: `min_margin` is .nan; numbers in a pipeline must be finite"), "{e}");
+    // `band: [.nan, 1]` applied one bound only; every bad number is reported, each at its place.
+    let e = rejected(&with_margin_filter("band: [.nan, .inf]"));
+    assert!(e.contains("pipeline.yaml:14:12: stage `wide`: `band[0]` is .nan"), "{e}");
+    assert!(e.contains("pipeline.yaml:14:18: stage `wide`: `band[1]` is .inf"), "{e}");
+    // A number too large for f64 overflows to ∞ and is refused the same way.
+    let e = rejected(&with_margin_filter("min_margin: -1e999"));
+    assert!(e.contains("pipeline.yaml:14:17: stage `wide`: `min_margin` is -.inf"), "{e}");
+    // And from the command line.
+    let dir = tempfile::tempdir().unwrap();
+    write_scored(&dir.path().join("scored.parquet"), 2, 2);
+    std::fs::write(dir.path().join("pipeline.yaml"), with_margin_filter("min_margin: 0.5")).unwrap();
+    let o = prefpipe(dir.path(), &["run", "pipeline.yaml", "--set", "wide.min_margin=.nan"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("stage `wide`: `min_margin` is .nan"), "{}", stderr(&o));
+}

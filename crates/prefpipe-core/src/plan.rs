@@ -130,6 +130,12 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
                 errs.push(at_node(s, s.node.get("input").unwrap_or(&s.node), format!("a `{}` stage reads exactly one `input`", kind.name)))
             }
         }
+        let bad = non_finite(&s.config, &file);
+        if !bad.is_empty() {
+            errs.extend(bad.into_iter().map(|(location, message)| Diagnostic { location, stage: Some(s.id.clone()), message }));
+            built.push(None);
+            continue;
+        }
         match (kind.build)(&s.config.to_json()) {
             Ok(stage) => built.push(Some((stage, kind))),
             Err(es) => {
@@ -272,6 +278,12 @@ fn remote_models(spec: &PipelineSpec, base_dir: &Path, errs: &mut Vec<Diagnostic
             let spec: RemoteSpec = serde_json::from_value(serde_json::json!({"backend": "openai"})).expect("a minimal spec");
             Arc::new(RemoteModel { name: name.clone(), spec, tokenizer: None, invalid: true })
         };
+        let bad = non_finite(node, &spec.file);
+        if !bad.is_empty() {
+            errs.extend(bad.into_iter().map(|(location, m)| Diagnostic { location, stage: None, message: format!("model `{name}`: {m}") }));
+            out.insert(name.clone(), broken());
+            continue;
+        }
         let rs: RemoteSpec = match crate::stage::from_config(&node.to_json()) {
             Ok(r) => r,
             Err(es) => {
@@ -290,6 +302,24 @@ fn remote_models(spec: &PipelineSpec, base_dir: &Path, errs: &mut Vec<Diagnostic
         out.insert(name.clone(), Arc::new(RemoteModel { name: name.clone(), spec: rs, tokenizer, invalid: false }));
     }
     out
+}
+
+/// Each `.nan`/`.inf` under `node` (a stage config or a server entry): its
+/// location and a message naming the key. JSON has no such numbers, and
+/// [`crate::yaml::Node::to_json`] would make them null, which a typed config
+/// reads as "not given" (`min_margin: .nan` would keep every pair); no
+/// setting takes one.
+fn non_finite(node: &crate::yaml::Node, file: &str) -> Vec<(crate::error::Location, String)> {
+    node.non_finite()
+        .into_iter()
+        .map(|(path, n)| {
+            let v = match n.value {
+                crate::yaml::Value::Float(f) => crate::yaml::yaml_float(f),
+                _ => String::new(),
+            };
+            (n.location(file), format!("`{}` is {v}; numbers in a pipeline must be finite", crate::yaml::path_string(&path)))
+        })
+        .collect()
 }
 
 /// Kahn's algorithm, ties by file order; Err(a cycle) if there is one.

@@ -126,6 +126,35 @@ impl Node {
 }
 
 impl Node {
+    /// Every `.nan`, `.inf` and `-.inf` under this node, with its path. JSON
+    /// has no such numbers ([`Node::to_json`] turns them into null, which a
+    /// typed config reads as "not given"), so the plan rejects them.
+    pub fn non_finite(&self) -> Vec<(Vec<PathSeg>, &Node)> {
+        fn walk<'a>(n: &'a Node, path: &mut Vec<PathSeg>, out: &mut Vec<(Vec<PathSeg>, &'a Node)>) {
+            match &n.value {
+                Value::Float(f) if !f.is_finite() => out.push((path.clone(), n)),
+                Value::Seq(v) => {
+                    for (i, x) in v.iter().enumerate() {
+                        path.push(PathSeg::Index(i));
+                        walk(x, path, out);
+                        path.pop();
+                    }
+                }
+                Value::Map(m) => {
+                    for (k, v) in m {
+                        path.push(PathSeg::Key(k.key_string()));
+                        walk(v, path, out);
+                        path.pop();
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(self, &mut Vec::new(), &mut out);
+        out
+    }
+
     /// Like [`Node::locate`], but for a path ending in a mapping key, the key's node.
     pub fn locate_key(&self, path: &[PathSeg]) -> &Node {
         let Some((PathSeg::Key(k), parent)) = path.split_last() else { return self.locate(path) };
@@ -138,6 +167,33 @@ impl Node {
 pub enum PathSeg {
     Key(String),
     Index(usize),
+}
+
+/// A path as a user writes it: `band[0]`, `reward_models[1].weight`.
+pub fn path_string(path: &[PathSeg]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        match seg {
+            PathSeg::Key(k) if s.is_empty() => s.push_str(k),
+            PathSeg::Key(k) => {
+                s.push('.');
+                s.push_str(k);
+            }
+            PathSeg::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
+}
+
+/// A non-finite float as YAML spells it.
+pub fn yaml_float(f: f64) -> String {
+    if f.is_nan() {
+        ".nan".into()
+    } else if f.is_infinite() {
+        if f > 0.0 { ".inf" } else { "-.inf" }.into()
+    } else {
+        f.to_string()
+    }
 }
 
 /// Parses YAML text. A syntax error becomes one diagnostic with its line:col.
@@ -176,10 +232,14 @@ fn strip_positions(mut n: Node) -> Node {
 }
 
 /// YAML 1.2 booleans only: `n`, `no`, `y`, `off` stay strings (a key named
-/// `n` — samples per prompt — must not turn into `false`).
+/// `n` — samples per prompt — must not turn into `false`). `.nan`, `.inf`
+/// and overflowing numbers (`1e999`) are read as floats, so the plan can
+/// reject each one naming its key ([`Node::non_finite`]) instead of the
+/// parser stopping at the first with a message that names none.
 fn options() -> serde_saphyr::Options {
     let mut o = serde_saphyr::Options::default();
     o.strict_booleans = true;
+    o.non_finite_float_policy = serde_saphyr::NonFiniteFloatPolicy::PassThrough;
     o
 }
 
@@ -284,6 +344,25 @@ mod tests {
         let c = n.locate(&path);
         assert_eq!(c.value, Value::Int(3));
         assert_eq!(c.line, 2);
+    }
+
+    #[test]
+    fn non_finite_numbers_are_found_with_their_paths() {
+        let n = parse("p.yaml", "a: .nan\nband: [1, -.inf]\nok: 0.5\nm: {x: 1e999, y: .NaN}\n").unwrap();
+        let found: Vec<(String, u64, u64, String)> = n
+            .non_finite()
+            .into_iter()
+            .map(|(p, v)| {
+                let Value::Float(f) = v.value else { panic!("{v:?}") };
+                (path_string(&p), v.line, v.col, yaml_float(f))
+            })
+            .collect();
+        let want = [("a", 1, 4, ".nan"), ("band[1]", 2, 11, "-.inf"), ("m.x", 4, 8, ".inf"), ("m.y", 4, 18, ".nan")];
+        let want: Vec<(String, u64, u64, String)> = want.iter().map(|(p, l, c, v)| (p.to_string(), *l, *c, v.to_string())).collect();
+        assert_eq!(found, want);
+        // What JSON would have made of them: null.
+        assert_eq!(n.to_json()["a"], serde_json::Value::Null);
+        assert_eq!(parse_scalar(".nan").non_finite().len(), 1);
     }
 
     #[test]
