@@ -91,9 +91,48 @@ pub enum Error {
     #[error("`{op}` needs a {needs} model, but {architecture} is a {has} model")]
     WrongHead { op: &'static str, needs: &'static str, has: &'static str, architecture: String },
 
+    /// Training produced a non-finite loss, gradient norm or weight: the run
+    /// diverged (a run-time failure, not bad input). Nothing of the step is saved.
+    #[error("training step {step}: {what} is not finite ({value}); the step's result was not saved")]
+    NonFinite { step: u64, what: String, value: String },
+
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Whether the error is the caller's input — a model directory, file,
+    /// config, prompt or argument that is wrong (exit 2, DESIGN §2) — rather
+    /// than a failure at run time (exit 1): a tensor operation or device that
+    /// failed (out of memory, a CUDA error), an I/O error other than a missing,
+    /// unreadable or truncated file, a diverged training run.
+    pub fn is_input(&self) -> bool {
+        use std::io::ErrorKind;
+        match self {
+            Error::Candle(_) | Error::NonFinite { .. } => false,
+            Error::Weights { source, .. } => !device_failure(source),
+            Error::Io { source, .. } => {
+                matches!(
+                    source.kind(),
+                    ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::InvalidData | ErrorKind::UnexpectedEof
+                )
+            }
+            _ => true,
+        }
+    }
+}
+
+/// A candle error raised by the device rather than the data (CUDA / Metal:
+/// out of memory, a failed kernel), seen through candle's context wrappers.
+fn device_failure(e: &candle_core::Error) -> bool {
+    match e {
+        candle_core::Error::Cuda(_) | candle_core::Error::Metal(_) => true,
+        candle_core::Error::WithBacktrace { inner, .. }
+        | candle_core::Error::Context { inner, .. }
+        | candle_core::Error::WithPath { inner, .. } => device_failure(inner),
+        _ => false,
+    }
 }
 
 /// The crate's result type.
@@ -102,4 +141,30 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// `bail!`-style constructor for [`Error::InvalidInput`].
 pub(crate) fn invalid_input(what: impl Into<String>, expected: impl Into<String>, got: impl ToString) -> Error {
     Error::InvalidInput { what: what.into(), expected: expected.into(), got: got.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DESIGN §2: bad input exits 2, a run-time failure 1 — the class decides.
+    #[test]
+    fn errors_keep_their_class() {
+        let io = |kind| Error::Io { path: "m/model.safetensors".into(), source: std::io::Error::from(kind) };
+        assert!(io(std::io::ErrorKind::NotFound).is_input());
+        assert!(io(std::io::ErrorKind::UnexpectedEof).is_input());
+        assert!(!io(std::io::ErrorKind::StorageFull).is_input(), "a full disk is not the user's input");
+        assert!(invalid_input("top_p", "a number in (0, 1]", 2).is_input());
+        assert!(Error::SequenceTooLong { index: 0, len: 9, max: 8 }.is_input());
+        assert!(
+            Error::Weights { path: "w".into(), source: candle_core::Error::CannotFindTensor { path: "lm_head.weight".into() } }.is_input()
+        );
+        let oom = || candle_core::Error::Cuda("CUDA_ERROR_OUT_OF_MEMORY".into());
+        assert!(!Error::Candle(oom()).is_input());
+        assert!(
+            !Error::Weights { path: "w".into(), source: oom().context("loading weights") }.is_input(),
+            "out of memory while loading weights"
+        );
+        assert!(!Error::NonFinite { step: 3, what: "the gradient norm".into(), value: "NaN".into() }.is_input());
+    }
 }

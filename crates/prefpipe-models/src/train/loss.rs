@@ -51,7 +51,7 @@ pub fn sigmoid(x: f64) -> f64 {
 pub struct Stats {
     /// Preference pairs compared (DPO: pairs; LiPO: labelled pairs ψᵢ > ψⱼ).
     pub pairs: f64,
-    /// Pairs whose implicit reward orders them right; a tie counts ½.
+    /// Pairs whose implicit reward orders them right; a tie counts 0, as in TRL.
     pub correct: f64,
     /// Σ implicit-reward margins β·[(sθ⁺ − s_ref⁺) − (sθ⁻ − s_ref⁻)] (LiPO: best − worst per list).
     pub margin: f64,
@@ -87,7 +87,7 @@ impl Stats {
             f64::NAN
         }
     }
-    /// Share of pairs ordered right (ties ½).
+    /// Share of pairs ordered right (ties 0, as TRL's `rewards/accuracies`).
     pub fn accuracy(&self) -> f64 {
         if self.pairs > 0.0 {
             self.correct / self.pairs
@@ -123,11 +123,10 @@ pub struct LossOut {
     pub stats: Stats,
 }
 
+/// TRL's `(chosen_rewards > rejected_rewards).float()`: a tie counts 0.
 fn correct(x: f64) -> f64 {
     if x > 0.0 {
         1.0
-    } else if x == 0.0 {
-        0.5
     } else {
         0.0
     }
@@ -501,8 +500,10 @@ mod tests {
         for (a, b) in out.grad.iter().zip(&num) {
             assert!(close(*a, *b, 1e-7), "{a} vs {b}");
         }
-        // The third pair has margin 0: a tie counts ½ (pair 2 is wrong: z < 0).
-        assert_eq!(out.stats.correct, 1.5);
+        // The third pair has margin 0: a tie counts 0, as TRL's
+        // `(chosen_rewards > rejected_rewards).float()` (pair 2 is wrong: z < 0).
+        assert_eq!(out.stats.correct, 1.0);
+        assert_eq!(out.stats.accuracy(), 1.0 / 3.0);
     }
 
     /// k = 2 reduces to a weighted DPO term: Δ = |G₁ − G₀|·|1/D(1) − 1/D(2)| =
@@ -594,6 +595,28 @@ mod tests {
         assert!(close(both.loss, one.loss, 1e-15));
         assert_eq!(&both.grad[..2], &[0.0, 0.0]);
         assert_eq!(both.stats.items, 1.0);
+    }
+
+    /// At step 1 the policy is the reference: every implicit-reward margin is
+    /// exactly 0 and TRL logs `rewards/accuracies` = `(chosen_rewards >
+    /// rejected_rewards).float().mean()` = 0 (DPOTrainer, CPOTrainer/SimPO,
+    /// ORPOTrainer); ½ per tie reported 0.5. LiPO's labelled pairs likewise.
+    #[test]
+    fn ties_count_zero_as_in_trl() {
+        let same = PairLogps { chosen: -3.0, rejected: -5.0, ref_chosen: -3.0, ref_rejected: -5.0, chosen_len: 3.0, rejected_len: 5.0 };
+        for kind in [DpoLoss::Sigmoid, DpoLoss::Hinge, DpoLoss::Ipo, DpoLoss::Robust] {
+            let eps = if kind == DpoLoss::Robust { 0.1 } else { 0.0 };
+            let out = dpo_objective(&[same, same], kind, 0.1, eps, 0.0);
+            assert_eq!((out.stats.pairs, out.stats.accuracy()), (2.0, 0.0), "{kind:?}");
+        }
+        assert_eq!(dpo(&[-1.0, -2.0], &[-1.0, -2.0], 0.1).stats.accuracy(), 0.0);
+        // Equal length-averaged log-probs: −3/3 = −5/5.
+        let free = FreePair { chosen: -3.0, rejected: -5.0, chosen_len: 3.0, rejected_len: 5.0, chosen_full: -4.0, chosen_full_len: 4.0 };
+        assert_eq!(simpo(&[free], 2.0, 0.5).stats.accuracy(), 0.0);
+        assert_eq!(orpo(&[free], 0.1).stats.accuracy(), 0.0);
+        let lists = [List { policy: &[-1.0, -2.0, -3.0], reference: &[-1.0, -2.0, -3.0], rewards: &[3.0, 2.0, 1.0] }];
+        let out = lipo(&lists, 0.1);
+        assert_eq!((out.stats.pairs, out.stats.accuracy()), (3.0, 0.0));
     }
 
     fn pairs_from(x: &[f64]) -> Vec<PairLogps> {

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::error::{invalid_input, Result};
+use crate::error::{invalid_input, Error, Result};
 
 /// AdamW hyper-parameters (the learning rate comes with each step).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,9 +58,14 @@ pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
 
 /// Scales the gradients so their global norm is at most `max_norm`, as
 /// `torch.nn.utils.clip_grad_norm_` does (coefficient max_norm / (norm + 1e-6),
-/// capped at 1). Returns the norm before clipping.
+/// capped at 1). Returns the norm before clipping. A non-finite norm leaves
+/// the gradients as they are (`f64::min` would turn a NaN coefficient into 1):
+/// the caller must refuse to step on it, as the trainer does.
 pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
     let norm = global_norm(grads);
+    if !norm.is_finite() {
+        return norm;
+    }
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     if coef < 1.0 {
         let c = coef as f32;
@@ -110,6 +115,9 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr`; `grads[i]` belongs to `params()[i]`.
+    /// A weight that would become non-finite fails the update with
+    /// [`Error::NonFinite`] (its `step` is the optimizer's own count); the
+    /// optimizer is then unusable (earlier tensors may already be updated).
     pub fn step(&mut self, grads: &[Vec<f32>], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
             return Err(invalid_input("gradients", format!("{} tensors", self.params.len()), grads.len()));
@@ -130,18 +138,29 @@ impl AdamW {
             if g.len() != m.len() {
                 return Err(invalid_input(format!("gradient of {name}"), format!("{} values", m.len()), g.len()));
             }
-            let new = with_host(p.as_tensor(), |p| {
+            let (new, finite) = with_host(p.as_tensor(), |p| {
                 let mut out = Vec::with_capacity(p.len());
+                let mut finite = true;
                 for k in 0..p.len() {
                     let x = p[k] * decay;
                     let mk = m[k] + w1 * (g[k] - m[k]);
                     let vk = v[k] * b2 + w2 * g[k] * g[k];
                     m[k] = mk;
                     v[k] = vk;
-                    out.push(x + -step_size * mk / (vk.sqrt() / bc2_sqrt + eps));
+                    let y = x + -step_size * mk / (vk.sqrt() / bc2_sqrt + eps);
+                    finite &= y.is_finite();
+                    out.push(y);
                 }
-                out
+                (out, finite)
             })?;
+            if !finite {
+                let bad = new.iter().find(|x| !x.is_finite()).copied().unwrap_or(f32::NAN);
+                return Err(Error::NonFinite {
+                    step: self.steps,
+                    what: format!("weight `{name}` after the update"),
+                    value: bad.to_string(),
+                });
+            }
             p.set(&Tensor::from_vec(new, p.shape(), p.device())?)?;
         }
         Ok(())
@@ -188,6 +207,21 @@ mod tests {
         let mut small = vec![vec![0.3f32, 0.4]];
         clip_grad_norm(&mut small, 1.0);
         assert_eq!(small, vec![vec![0.3f32, 0.4]]);
+    }
+
+    /// A NaN or infinite norm is not clipped into a "coefficient 1" step, and
+    /// a weight the update would make non-finite fails the step.
+    #[test]
+    fn non_finite_gradients_are_not_clipped_or_applied() {
+        let mut g = vec![vec![f32::NAN, 1.0], vec![4.0]];
+        assert!(clip_grad_norm(&mut g, 1.0).is_nan());
+        let mut g = vec![vec![f32::INFINITY, 1.0]];
+        assert_eq!(clip_grad_norm(&mut g, 1.0), f64::INFINITY);
+        assert_eq!(g, vec![vec![f32::INFINITY, 1.0]], "not scaled by 0 (inf·0 = NaN)");
+        let p = Var::from_slice(&[1.0f32, 2.0], 2, &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), p.clone())], AdamWConfig::default());
+        let e = opt.step(&[vec![f32::NAN, 0.5]], 0.01).unwrap_err();
+        assert!(matches!(&e, Error::NonFinite { what, .. } if what.contains("`w`")), "{e}");
     }
 
     /// One step by hand: with m₀ = v₀ = 0 the bias-corrected first step is

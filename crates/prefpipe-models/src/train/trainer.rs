@@ -30,7 +30,7 @@ use crate::error::{invalid_input, Error, Result};
 use crate::model::Model;
 use crate::train::lora::{Lora, LoraConfig};
 use crate::train::loss::{self, List, LossOut, Stats};
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
 use crate::train::schedule::{LrSchedule, Schedule};
 
 /// The objective.
@@ -324,6 +324,15 @@ struct Latest {
     dir: String,
 }
 
+/// One micro-batch's token log-probs and the token range each sequence log-prob sums.
+struct TokenLogps {
+    /// `[n]`, differentiable.
+    tok: Tensor,
+    /// One per sequence log-prob, in `LossOut::grad` order (ORPO's chosen
+    /// sequences overlap their responses).
+    segments: Vec<std::ops::Range<usize>>,
+}
+
 /// A DPO / LiPO trainer over a trainable [`Model`].
 pub struct Trainer {
     model: Model,
@@ -509,11 +518,13 @@ impl Trainer {
         (j * g..((j + 1) * g).min(micro)).map(|m| perm[m * b..((m + 1) * b).min(n)].to_vec()).collect()
     }
 
-    /// Log-probs of one micro-batch's sequences (differentiable) and the loss;
-    /// `LossOut::grad` aligns with the log-probs tensor. That tensor holds each
-    /// sequence's summed response log-prob; for ORPO, then each chosen
-    /// prompt ⊕ response log-prob (every token after the first).
-    fn forward(&self, decoder: &Decoder, idx: &[usize]) -> Result<(Tensor, LossOut)> {
+    /// The token log-probs of one micro-batch (differentiable, f32), the
+    /// sequence log-probs summed from them on the host in f64 — in token
+    /// order, as [`Model::logprobs`] sums the reference's — and the loss.
+    /// `LossOut::grad` aligns with the sequences: each sequence's summed
+    /// response log-prob; for ORPO, then each chosen prompt ⊕ response
+    /// log-prob (every token after the first).
+    fn forward(&self, decoder: &Decoder, idx: &[usize]) -> Result<(TokenLogps, LossOut)> {
         let mut seqs = Vec::new();
         let mut split = Vec::new();
         for &i in idx {
@@ -524,29 +535,32 @@ impl Trainer {
             }
         }
         let batch = PaddedBatch::right_padded(&seqs, self.pad_id, self.model.device())?;
-        let logps = if self.opts.method == Method::Orpo {
-            // Every token after the first, then segment sums: responses, and the chosen sequences whole.
+        let mut segments = Vec::with_capacity(split.len() + idx.len());
+        let tok = if self.opts.method == Method::Orpo {
+            // Every token after the first; the responses, then the chosen sequences whole.
             let full: Vec<(usize, usize)> = split.iter().map(|&(p, r)| (1, p + r - 1)).collect();
-            let tok = decoder.response_token_logps(&batch, &full)?;
-            let n = tok.dim(0)?;
-            let rows = split.len() + idx.len();
-            let mut seg = vec![0f32; rows * n];
+            let mut whole = Vec::with_capacity(idx.len());
             let mut start = 0;
             for (row, &(p, r)) in split.iter().enumerate() {
                 let len = p + r - 1;
-                seg[row * n + start + len - r..row * n + start + len].fill(1.0);
+                segments.push(start + len - r..start + len);
                 if row % 2 == 0 {
-                    let c = split.len() + row / 2;
-                    seg[c * n + start..c * n + start + len].fill(1.0);
+                    whole.push(start..start + len);
                 }
                 start += len;
             }
-            let seg = Tensor::from_vec(seg, (rows, n), tok.device())?;
-            seg.matmul(&tok.unsqueeze(1)?)?.squeeze(1)?
+            segments.extend(whole);
+            decoder.response_token_logps(&batch, &full)?
         } else {
-            decoder.sequence_logps(&batch, &split)?
+            let mut start = 0;
+            for &(_, r) in &split {
+                segments.push(start..start + r);
+                start += r;
+            }
+            decoder.response_token_logps(&batch, &split)?
         };
-        let pol: Vec<f64> = logps.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let host = tok.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let pol: Vec<f64> = segments.iter().map(|s| host[s.clone()].iter().map(|&x| f64::from(x)).sum()).collect();
         let beta = self.opts.beta;
         let lens = |i: usize, k: usize| self.examples[i].responses[k].len() as f64;
         let out = match self.opts.method {
@@ -599,7 +613,7 @@ impl Trainer {
                 loss::lipo(&lists, beta)
             }
         };
-        Ok((logps, out))
+        Ok((TokenLogps { tok, segments }, out))
     }
 
     /// The loss and statistics of example indices `idx` under the current
@@ -632,21 +646,37 @@ impl Trainer {
             let w = k as f64 / n as f64;
             loss += w * out.loss;
             stats.add(&out.stats);
-            let coef: Vec<f32> = out.grad.iter().map(|g| (g * w) as f32).collect();
-            let coef = Tensor::from_vec(coef, logps.dims(), logps.device())?;
-            let surrogate = (logps * coef)?.sum_all()?;
+            // Σ over sequences of (∂loss/∂sθ)·sθ = Σ over tokens of (the sum of
+            // their sequences' ∂loss/∂sθ)·log p(token): the same gradient.
+            let mut coef = vec![0f64; logps.tok.dim(0)?];
+            for (seg, g) in logps.segments.iter().zip(&out.grad) {
+                coef[seg.clone()].iter_mut().for_each(|c| *c += g * w);
+            }
+            let coef = Tensor::from_vec(coef.into_iter().map(|c| c as f32).collect::<Vec<f32>>(), logps.tok.dims(), logps.tok.device())?;
+            let surrogate = (logps.tok * coef)?.sum_all()?;
             self.opt.accumulate(&surrogate.backward()?, &mut grads)?;
         }
+        // A non-finite loss, gradient or weight fails the step before anything
+        // is applied or saved (a NaN norm would otherwise pass clipping as
+        // coefficient 1 and AdamW would write NaN weights).
+        let non_finite = |what: &str, value: f64| Error::NonFinite { step: t, what: what.to_string(), value: value.to_string() };
         if !loss.is_finite() {
-            return Err(invalid_input(format!("loss at step {t}"), "a finite number", loss));
+            return Err(non_finite("the loss", loss));
         }
-        if let Some(max) = self.opts.max_grad_norm {
-            clip_grad_norm(&mut grads, max);
+        let norm = match self.opts.max_grad_norm {
+            Some(max) => clip_grad_norm(&mut grads, max),
+            None => global_norm(&grads),
+        };
+        if !norm.is_finite() {
+            return Err(non_finite("the gradient norm", norm));
         }
         let lr = self.schedule.lr(t);
         // A step with no preference at all (only all-equal lists) moves nothing.
         if n > 0 {
-            self.opt.step(&grads, lr)?;
+            self.opt.step(&grads, lr).map_err(|e| match e {
+                Error::NonFinite { what, value, .. } => Error::NonFinite { step: t, what, value },
+                e => e,
+            })?;
         }
         self.step = t;
         let row = MetricsRow {
