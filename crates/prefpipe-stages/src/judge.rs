@@ -41,7 +41,7 @@ pub const REPEATS_KEY: &str = "prefpipe.judge.repeats";
 
 pub const KIND: StageKind = StageKind {
     name: "judge",
-    about: "an LLM ranks each prompt's samples, repeatedly and shuffled (DESIGN §12) → a rankings table",
+    about: "an LLM judges each prompt's samples (DESIGN §12): listwise, repeatedly and shuffled → a rankings table; pairwise, every pair in both orders → per-sample win rates",
     arity: Arity::One,
     build: |v| {
         let c: JudgeConfig = from_config(v)?;
@@ -384,8 +384,8 @@ impl Judge {
         let shown = if self.c.mode == JudgeMode::Pairwise { 2 } else { 3 };
         let sentinels: Vec<String> = (0..shown).map(|i| format!("@@response-{i}-sentinel@@")).collect();
         let refs: Vec<&str> = sentinels.iter().map(String::as_str).collect();
-        let out = render(&t, self.c.mode, "@@prompt@@", None, &refs)
-            .map_err(|e| ConfigError::at("template", format!("{}: {e}", p.display())))?;
+        let out =
+            render(&t, self.c.mode, "@@prompt@@", None, &refs).map_err(|e| ConfigError::at("template", format!("{}: {e}", p.display())))?;
         if let Some(s) = sentinels.iter().find(|s| !out.contains(s.as_str())) {
             return Err(ConfigError::at(
                 "template",

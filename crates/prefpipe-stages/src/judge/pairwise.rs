@@ -105,8 +105,11 @@ impl ParseError {
 /// order and takes the first found, so a reply quoting the format would win
 /// for A; here two different ones are `conflicting_verdicts`.
 pub fn parse_verdict(reply: &str) -> Result<Verdict, ParseError> {
-    let found: Vec<Verdict> =
-        [("[[A]]", Verdict::A), ("[[B]]", Verdict::B), ("[[C]]", Verdict::Tie)].into_iter().filter(|(t, _)| reply.contains(t)).map(|(_, v)| v).collect();
+    let found: Vec<Verdict> = [("[[A]]", Verdict::A), ("[[B]]", Verdict::B), ("[[C]]", Verdict::Tie)]
+        .into_iter()
+        .filter(|(t, _)| reply.contains(t))
+        .map(|(_, v)| v)
+        .collect();
     match found.as_slice() {
         [v] => Ok(*v),
         [] => Err(ParseError::NoVerdict),
@@ -259,11 +262,8 @@ fn verdicts_item() -> Arc<Field> {
 /// (float64, null when the win rate is) replaces the input's or is appended.
 pub fn output_schema(input: &Schema, as_reward: bool) -> SchemaRef {
     let reward = Field::new(col::REWARD, DataType::Float64, true);
-    let mut fields: Vec<Field> = input
-        .fields()
-        .iter()
-        .map(|f| if as_reward && f.name() == col::REWARD { reward.clone() } else { f.as_ref().clone() })
-        .collect();
+    let mut fields: Vec<Field> =
+        input.fields().iter().map(|f| if as_reward && f.name() == col::REWARD { reward.clone() } else { f.as_ref().clone() }).collect();
     fields.extend([
         Field::new("judge_winrate", DataType::Float64, true),
         Field::new("judge_comparisons", DataType::UInt32, false),
@@ -403,7 +403,8 @@ impl Judge {
 
         // Per comparison (jobs come in (order 0, order 1) twos): outcome and the per-sample tallies.
         let n_rows = input.num_rows();
-        let (mut wins, mut ties, mut consistent, mut inconsistent) = (vec![0u32; n_rows], vec![0u32; n_rows], vec![0u32; n_rows], vec![0u32; n_rows]);
+        let (mut wins, mut ties, mut consistent, mut inconsistent) =
+            (vec![0u32; n_rows], vec![0u32; n_rows], vec![0u32; n_rows], vec![0u32; n_rows]);
         let mut entries: Vec<Vec<Entry>> = (0..n_rows).map(|_| Vec::new()).collect();
         for (two, replies) in jobs.chunks(2).zip(judged.chunks(2)) {
             let (j, (r0, r1)) = (&two[0], (&replies[0], &replies[1]));
@@ -601,7 +602,10 @@ mod tests {
     fn schema_adds_or_replaces_reward() {
         let input = Schema::new(vec![Field::new("prompt_id", DataType::Utf8, false), Field::new("reward", DataType::Float32, false)]);
         let names = |s: &Schema| s.fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>();
-        assert_eq!(names(&output_schema(&input, false)), ["prompt_id", "reward", "judge_winrate", "judge_comparisons", "judge_inconsistent", "judge_verdicts"]);
+        assert_eq!(
+            names(&output_schema(&input, false)),
+            ["prompt_id", "reward", "judge_winrate", "judge_comparisons", "judge_inconsistent", "judge_verdicts"]
+        );
         assert_eq!(output_schema(&input, false).field(1).data_type(), &DataType::Float32);
         let replaced = output_schema(&input, true);
         assert_eq!(names(&replaced), names(&output_schema(&input, false)));
