@@ -210,7 +210,10 @@ fn a_missing_pipeline_file() {
 /// as its last line (line 14).
 fn with_margin_filter(threshold: &str) -> Vec<u8> {
     let filter = format!("  - id: wide\n    kind: filter\n    input: pairs\n    strategy: margin\n    {threshold}\n");
-    good_with("  - id: export\n    kind: export\n    input: pairs\n", &format!("{filter}  - id: export\n    kind: export\n    input: wide\n"))
+    good_with(
+        "  - id: export\n    kind: export\n    input: pairs\n",
+        &format!("{filter}  - id: export\n    kind: export\n    input: wide\n"),
+    )
 }
 
 #[test]

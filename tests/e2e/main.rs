@@ -5,6 +5,7 @@ mod chat;
 mod chat_models;
 mod cli;
 mod common;
+mod hardening;
 mod judge;
 mod models;
 mod objectives;

@@ -54,6 +54,9 @@ pub struct StageReport {
     /// A remote stage's backend, base URLs, served model and request counts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<serde_json::Value>,
+    /// Input columns the stage's output does not carry ([`crate::stage::Stage::dropped_columns`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped_columns: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -168,6 +171,7 @@ fn run_stage(
         elapsed_s: t0.elapsed().as_secs_f64(),
         output: m.external.as_ref().map(|e| e.path.clone()),
         backend: None,
+        dropped_columns: s.dropped_columns.clone(),
     };
     if m.complete {
         reporter.stage_started(&s.id, &s.kind, "cached", 0);

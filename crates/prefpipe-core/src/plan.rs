@@ -38,6 +38,8 @@ pub struct PlannedStage {
     pub key: String,
     /// Whether every prompt's rows sit in one chunk of the output.
     pub aligned: bool,
+    /// Input columns the output does not carry, for `run.json` ([`Stage::dropped_columns`]).
+    pub dropped_columns: Vec<String>,
     pub external: Option<PathBuf>,
 }
 
@@ -229,6 +231,7 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
         let input_aligned = deps[i].iter().all(|&j| planned[j].as_ref().unwrap().aligned);
         let mode = stage.mode();
         let key = h.finalize().to_hex().to_string();
+        let dropped_columns = stage.dropped_columns(&in_schemas, &schema);
         let written = stage.model_output(&cx);
         if let Some(dir) = written {
             produced.insert(normalize(&dir), Producer { stage: s.id.clone(), key: Some(key.clone()) });
@@ -242,6 +245,7 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
             schema,
             key,
             aligned: stage.output_aligned(input_aligned),
+            dropped_columns,
             external,
             stage,
         });

@@ -257,6 +257,13 @@ pub trait Stage: Send + Sync {
         input_aligned
     }
 
+    /// Input columns that do not reach the output (`inputs` and `output` as
+    /// planned), for `run.json`: a stage that leaves columns behind says
+    /// which, so that none vanishes silently. Default: none.
+    fn dropped_columns(&self, _inputs: &[SchemaRef], _output: &Schema) -> Vec<String> {
+        Vec::new()
+    }
+
     fn run(&self, cx: &RunCx, inputs: &[Table]) -> Result<Output>;
 }
 

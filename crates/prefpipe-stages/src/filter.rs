@@ -15,10 +15,10 @@ pub const KIND: StageKind = StageKind {
             rest.as_object_mut().expect("a mapping").remove("strategy");
             return Ok(Box::new(crate::ches::build(&rest)?));
         }
-        Ok(Box::new(strategy_stage::build(v, "filter", prefpipe_select::FILTER, &[prefpipe_select::ches::NAME])?))
+        Ok(Box::new(strategy_stage::build(v, "filter", prefpipe_select::FILTER, &[prefpipe_select::ches::NAME], false)?))
     },
     schema: || {
         let ches = (prefpipe_select::ches::NAME, prefpipe_select::ches::ABOUT, prefpipe_select::ches::schema());
-        strategy_stage::schema("filter", prefpipe_select::FILTER, Some(ches))
+        strategy_stage::schema("filter", prefpipe_select::FILTER, Some(ches), false)
     },
 };

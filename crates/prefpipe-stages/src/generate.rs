@@ -7,13 +7,13 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, StringArray, UInt32Array};
+use arrow::array::{Array, ArrayRef, StringArray, UInt32Array};
 use arrow::compute::take;
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use prefpipe_core::stage::{from_config, Arity, ConfigError, Mode, Output, PlanCx, RunCx, Stage, StageKind, Table};
 use prefpipe_core::table::{self, col, str_col, Need};
-use prefpipe_core::Result;
+use prefpipe_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{check_chat, GenJob, GenParams, Prompts, Row, Uses};
@@ -173,7 +173,24 @@ impl Stage for Generate {
 
         let mut jobs: Vec<GenJob> = Vec::with_capacity(input.num_rows() * self.c.n as usize);
         let mut rows: Vec<u32> = Vec::with_capacity(jobs.capacity());
+        // A prompt twice would get two sets of samples with the same sample_idx.
+        let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
         for r in 0..input.num_rows() {
+            if ids.is_null(r) {
+                return Err(Error::Input(format!("input `{}` has a row with a null `prompt_id`", inputs[0].id)));
+            }
+            if !seen.insert(ids.value(r)) {
+                return Err(Error::Input(format!(
+                    "input `{}` has prompt `{}` twice; each prompt must appear once (`dedup: true` on the source drops repeats)",
+                    inputs[0].id,
+                    ids.value(r)
+                )));
+            }
+            // A null prompt is not generated from as "".
+            if prompts.is_null(r) {
+                out.drop("null_prompt", 1);
+                continue;
+            }
             for s in 0..self.c.n {
                 let (prompt_id, prompt) = (ids.value(r), prompts.get(r));
                 jobs.push(GenJob { prompt_id, sample_idx: s, prompt, seed: sample_seed(seed, cx.stage_id, prompt_id, s) });

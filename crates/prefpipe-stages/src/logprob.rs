@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, UInt32Array};
+use arrow::array::{Array, ArrayRef, Float64Array, UInt32Array};
 use arrow::compute::take;
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -129,8 +129,20 @@ impl Stage for Logprob {
         let prompts = Prompts::of(&input)?;
         let responses = str_col(&input, col::RESPONSE)?;
         let mut out = Output::default();
-        let pairs: Vec<Pair> = (0..input.num_rows())
-            .map(|r| Pair { prompt_id: ids.as_ref().map_or("", |a| a.value(r)), prompt: prompts.get(r), response: responses.value(r) })
+        // A null prompt or response is dropped and counted, never read as "".
+        let mut rows: Vec<usize> = Vec::with_capacity(input.num_rows());
+        for r in 0..input.num_rows() {
+            if prompts.is_null(r) {
+                out.drop("null_prompt", 1);
+            } else if responses.is_null(r) {
+                out.drop("null_response", 1);
+            } else {
+                rows.push(r);
+            }
+        }
+        let pairs: Vec<Pair> = rows
+            .iter()
+            .map(|&r| Pair { prompt_id: ids.as_ref().map_or("", |a| a.value(r)), prompt: prompts.get(r), response: responses.value(r) })
             .collect();
         let opts = PairOpts { chat_template: self.c.chat_template, batch_size: self.c.batch_size };
         // Each model tokenizes for itself (the reference may use another tokenizer).
@@ -144,9 +156,9 @@ impl Stage for Logprob {
         // Rows either model drops (too long for its context, a failed request) are dropped and counted.
         let mut keep: Vec<u32> = Vec::new();
         let (mut lp, mut lr, mut nt) = (Vec::new(), Vec::new(), Vec::new());
-        for r in 0..input.num_rows() {
-            let refr = reference.as_ref().map(|v| &v[r]);
-            match (&policy[r], refr) {
+        for (k, &r) in rows.iter().enumerate() {
+            let refr = reference.as_ref().map(|v| &v[k]);
+            match (&policy[k], refr) {
                 (Row::Ok((p, n)), None) => {
                     keep.push(r as u32);
                     lp.push(*p);

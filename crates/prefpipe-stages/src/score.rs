@@ -41,7 +41,7 @@ use arrow::array::{Array, ArrayRef, Float64Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use prefpipe_core::stage::{from_config, Arity, ConfigError, Mode, Output, PlanCx, RunCx, Stage, StageKind, Table};
-use prefpipe_core::table::{self, col, str_col, u32_col, Need};
+use prefpipe_core::table::{self, col, str_col, Need};
 use prefpipe_core::yaml::PathSeg;
 use prefpipe_core::{Error, Result};
 use prefpipe_models::{HeadKind, ModelConfig};
@@ -50,9 +50,9 @@ use serde_json::Value;
 
 use crate::backend::{check_chat, Pair, PairOpts, Prompts, Row, Uses};
 use crate::model_ref::ModelRef;
-use prefpipe_core::remote::RemoteModel;
 use crate::rules::{at_rule, Compiled, RowText};
 pub use crate::rules::{ContainsRule, ExactMatch, LengthRule, LengthUnit, Normalize, RegexRule, Rule};
+use prefpipe_core::remote::RemoteModel;
 
 pub const KIND: StageKind = StageKind {
     name: "score",
@@ -72,12 +72,20 @@ pub struct ScoreConfig {
     /// Rule rewards, each one `reward_<name>` column.
     #[serde(default)]
     pub rules: Vec<Rule>,
-    /// How the `reward_<name>` columns combine into `reward`.
+    /// How the `reward_<name>` columns combine into `reward`. Default:
+    /// `weighted` when any entry has a `weight` (DESIGN §5), else `mean`.
     #[serde(default)]
-    pub aggregate: Aggregate,
+    pub aggregate: Option<Aggregate>,
     /// Sequences per reward-model forward pass (rows are sorted by length first).
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+}
+
+impl ScoreConfig {
+    /// The aggregate in use (resolved by `build`: `weighted` when a weight is given).
+    pub fn aggregation(&self) -> Aggregate {
+        self.aggregate.unwrap_or_default()
+    }
 }
 
 /// One entry of `reward_models:`.
@@ -166,7 +174,11 @@ struct Head {
 
 impl Score {
     fn build(v: &Value) -> Result<Score, Vec<ConfigError>> {
-        let c: ScoreConfig = from_config(v)?;
+        let mut c: ScoreConfig = from_config(v)?;
+        // `weight:` without `aggregate:` means `weighted`; resolved here so the content key is
+        // the same as with `aggregate` written out.
+        let weighted = c.reward_models.iter().any(|m| m.weight.is_some()) || c.rules.iter().any(|r| r.weight().is_some());
+        c.aggregate = Some(c.aggregate.unwrap_or(if weighted { Aggregate::Weighted } else { Aggregate::Mean }));
         let mut errs = Vec::new();
         if c.reward_models.is_empty() && c.rules.is_empty() {
             errs.push(ConfigError::new("`score` needs at least one entry in `reward_models` or `rules`"));
@@ -195,7 +207,7 @@ impl Score {
                 errs.push(at(path, "name", format!("two entries are named `{name}`; each needs its own `reward_{name}` column")));
             }
         }
-        match c.aggregate {
+        match c.aggregation() {
             Aggregate::Weighted => {
                 for (_, w, path) in &entries {
                     match w {
@@ -270,11 +282,15 @@ impl Score {
                 return Err(at_rm(
                     i,
                     "chat_template",
-                    format!("model `{}`: `chat_template: true` on a server needs `tokenizer:` (the reward model's template renders here)", m.name),
+                    format!(
+                        "model `{}`: `chat_template: true` on a server needs `tokenizer:` (the reward model's template renders here)",
+                        m.name
+                    ),
                 ));
             }
         }
-        let head = head_of(remote, &cx.resolve_model(&self.models[i].value), &self.c.reward_models[i]).map_err(|(field, msg)| at_rm(i, field, msg))?;
+        let head = head_of(remote, &cx.resolve_model(&self.models[i].value), &self.c.reward_models[i])
+            .map_err(|(field, msg)| at_rm(i, field, msg))?;
         Ok((head, digest))
     }
 
@@ -321,8 +337,15 @@ impl Score {
         let mut non_finite = vec![false; n];
         let mut other = BTreeMap::new();
         let total = (n * self.models.len()) as u64;
+        let response = str_col(batch, col::RESPONSE).ok();
+        // A row without a prompt or a response is not scored (never as ""): all its columns stay null.
+        let prompts = Prompts::of(batch).ok();
+        let null_prompt: Vec<bool> = (0..n).map(|r| prompts.as_ref().is_some_and(|p| p.is_null(r))).collect();
+        let null_response: Vec<bool> = (0..n).map(|r| !null_prompt[r] && response.as_ref().is_some_and(|a| a.is_null(r))).collect();
+        let skip: Vec<bool> = (0..n).map(|r| null_prompt[r] || null_response[r]).collect();
         for (i, head) in heads.iter().enumerate() {
-            let (reward, labels) = self.score_model(cx, i, head, batch, &mut too_long, &mut non_finite, &mut other, (i * n) as u64, total)?;
+            let (reward, labels) =
+                self.score_model(cx, i, head, batch, &skip, &mut too_long, &mut non_finite, &mut other, (i * n) as u64, total)?;
             entry_at.push(cols.len());
             cols.push(reward);
             if head.labels.len() > 1 {
@@ -330,7 +353,7 @@ impl Score {
             }
         }
         let schema = batch.schema();
-        let response = str_col(batch, col::RESPONSE).ok();
+        let mut null_n_tokens = vec![false; n];
         for (rule, cfg) in self.rules.iter().zip(&self.c.rules) {
             let column = match cfg {
                 Rule::ExactMatch(r) => Some(str_col(batch, &r.column)?),
@@ -338,13 +361,25 @@ impl Score {
                 Rule::Contains(r) => Some(str_col(batch, &r.column)?),
                 Rule::Length(_) => None,
             };
-            let n_tokens = if self.uses_n_tokens(cfg, &schema) { Some(u32_col(batch, col::N_TOKENS)?) } else { None };
+            let n_tokens = if self.uses_n_tokens(cfg, &schema) { Some(n_tokens_col(batch)?) } else { None };
             let values = (0..n)
                 .map(|r| {
+                    if skip[r] {
+                        return None;
+                    }
+                    // A null `n_tokens` is not 0 tokens: the rule has no value for the row.
+                    let n_tokens = match &n_tokens {
+                        Some(a) if a.is_null(r) => {
+                            null_n_tokens[r] = true;
+                            return None;
+                        }
+                        Some(a) => Some(a.value(r)),
+                        None => None,
+                    };
                     let row = RowText {
                         response: response.as_ref().and_then(|a| text_at(a, r)).unwrap_or(""),
                         column: column.as_ref().and_then(|a| text_at(a, r)),
-                        n_tokens: n_tokens.as_ref().map(|a| if a.is_null(r) { 0 } else { a.value(r) }),
+                        n_tokens,
                     };
                     Some(rule.eval(&row))
                 })
@@ -353,7 +388,13 @@ impl Score {
             cols.push(values);
         }
         let mut drops = other;
-        for (reason, flags) in [("too_long", &too_long), ("non_finite_reward", &non_finite)] {
+        for (reason, flags) in [
+            ("null_prompt", &null_prompt),
+            ("null_response", &null_response),
+            ("null_n_tokens", &null_n_tokens),
+            ("too_long", &too_long),
+            ("non_finite_reward", &non_finite),
+        ] {
             let k = flags.iter().filter(|&&f| f).count() as u64;
             if k > 0 {
                 drops.insert(reason.to_string(), k);
@@ -370,6 +411,7 @@ impl Score {
         i: usize,
         head: &Head,
         batch: &RecordBatch,
+        skip: &[bool],
         too_long: &mut [bool],
         non_finite: &mut [bool],
         other: &mut BTreeMap<String, u64>,
@@ -387,18 +429,24 @@ impl Score {
         let ids = str_col(batch, col::PROMPT_ID).ok();
         let prompts = Prompts::of(batch)?;
         let responses = str_col(batch, col::RESPONSE)?;
-        let pairs: Vec<Pair> = (0..n)
-            .map(|r| Pair {
+        let rows: Vec<usize> = (0..n).filter(|&r| !skip[r]).collect();
+        if rows.is_empty() {
+            return Ok((reward, labels));
+        }
+        let pairs: Vec<Pair> = rows
+            .iter()
+            .map(|&r| Pair {
                 prompt_id: ids.as_ref().and_then(|a| text_at(a, r)).unwrap_or(""),
                 prompt: prompts.get(r),
-                response: text_at(&responses, r).unwrap_or(""),
+                response: responses.value(r),
             })
             .collect();
         let progress = |done: u64, _: u64| (cx.progress)(done0 + done, total);
         let sub = RunCx { progress: &progress, ..*cx };
         let tag = format!("rm{i}");
-        let results = self.models[i].backend(cx).scores(&sub, &tag, &pairs, PairOpts { chat_template: chat, batch_size: self.c.batch_size })?;
-        for (r, res) in results.into_iter().enumerate() {
+        let results =
+            self.models[i].backend(cx).scores(&sub, &tag, &pairs, PairOpts { chat_template: chat, batch_size: self.c.batch_size })?;
+        for (&r, res) in rows.iter().zip(results) {
             let s = match res {
                 Row::Ok(s) => s,
                 Row::Drop("too_long") => {
@@ -438,14 +486,17 @@ impl Score {
     /// The heads of every reward model, from their config.json files.
     fn heads_at_run(&self, cx: &RunCx) -> Result<Vec<Head>> {
         (0..self.models.len())
-            .map(|i| head_of(cx.remote(&self.models[i].value), &self.models[i].dir(cx), &self.c.reward_models[i]).map_err(|(_, m)| Error::Input(m)))
+            .map(|i| {
+                head_of(cx.remote(&self.models[i].value), &self.models[i].dir(cx), &self.c.reward_models[i])
+                    .map_err(|(_, m)| Error::Input(m))
+            })
             .collect()
     }
 
     /// `reward` per row from the entries' raw columns; `stats` = (μ, σ, constant) per entry for z-scores.
     fn aggregate(&self, raw: &Raw, stats: Option<&[ColumnStats]>) -> Float64Array {
         let n = raw.cols.first().map_or(0, |c| c.len());
-        let weights: Vec<f64> = match self.c.aggregate {
+        let weights: Vec<f64> = match self.c.aggregation() {
             Aggregate::Weighted => self
                 .c
                 .reward_models
@@ -531,6 +582,15 @@ impl Score {
     }
 }
 
+/// `n_tokens` as UInt32, nulls kept (a negative or too-large count is bad input).
+fn n_tokens_col(batch: &RecordBatch) -> Result<arrow::array::UInt32Array> {
+    let src = batch.column_by_name(col::N_TOKENS).ok_or_else(|| Error::Input(format!("missing column `{}`", col::N_TOKENS)))?;
+    let opts = arrow::compute::CastOptions { safe: false, ..Default::default() };
+    let a =
+        arrow::compute::cast_with_options(src, &DataType::UInt32, &opts).map_err(|e| Error::Input(format!("column `n_tokens`: {e}")))?;
+    Ok(a.as_any().downcast_ref::<arrow::array::UInt32Array>().expect("cast to u32").clone())
+}
+
 fn text_at(a: &StringArray, r: usize) -> Option<&str> {
     if a.is_null(r) {
         None
@@ -608,7 +668,8 @@ fn resolve_head(dir: &Path, m: &RewardModel, check_weights: bool) -> std::result
     };
     let raw: Value = std::fs::read(&cfg_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
     let declared = raw.get("num_labels").is_some() || raw.get("id2label").is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()));
-    let shape = if check_weights { tensor_shape(dir, "score.weight").map_err(|e| ("model", e))? } else { Some(vec![num_labels, cfg.hidden_size]) };
+    let shape =
+        if check_weights { tensor_shape(dir, "score.weight").map_err(|e| ("model", e))? } else { Some(vec![num_labels, cfg.hidden_size]) };
     match shape {
         None => {
             return Err((
@@ -704,7 +765,10 @@ fn head_of(remote: Option<&Arc<RemoteModel>>, dir: &Path, m: &RewardModel) -> st
         Some(t) if t.join("config.json").is_file() => resolve_head(t, m, false),
         _ if m.label.is_some() || m.labels.is_some() => Err((
             "label",
-            format!("model `{}`: the labels of a served reward model come from its `tokenizer:` directory's config.json; add `tokenizer:`", rm.name),
+            format!(
+                "model `{}`: the labels of a served reward model come from its `tokenizer:` directory's config.json; add `tokenizer:`",
+                rm.name
+            ),
         )),
         _ => Ok(Head { labels: vec!["0".into()], mix: vec![1.0] }),
     }
@@ -740,7 +804,7 @@ fn tensor_shape(dir: &Path, name: &str) -> std::result::Result<Option<Vec<usize>
 
 impl Stage for Score {
     fn mode(&self) -> Mode {
-        if self.c.aggregate == Aggregate::ZscoreMean {
+        if self.c.aggregation() == Aggregate::ZscoreMean {
             Mode::Whole
         } else {
             Mode::PerChunk
@@ -853,7 +917,7 @@ impl Stage for Score {
                 out.drop(k, *v);
             }
         };
-        if self.c.aggregate != Aggregate::ZscoreMean {
+        if self.c.aggregation() != Aggregate::ZscoreMean {
             let batch = t.read_one()?;
             let raw = self.raw(cx, &batch, &heads)?;
             merge(&mut out, &raw);
@@ -964,6 +1028,25 @@ mod tests {
         close(a2.value(0).into(), (10.0 / (200.0f64 / 3.0).sqrt()) / 3.0);
         // Row 3: b is null → reward null.
         assert!(a2.is_null(1));
+    }
+
+    #[test]
+    fn weights_without_aggregate_mean_weighted() {
+        // DESIGN §5 writes `reward_models: [{name, model, weight}]` with no `aggregate`:
+        // weights alone select `weighted`, with the same content key as writing it out.
+        let mut v = rules3("weighted", Some([2.0, 1.0, 0.0]));
+        v.as_object_mut().unwrap().remove("aggregate");
+        let s = stage(v.clone());
+        assert_eq!(s.c.aggregation(), Aggregate::Weighted);
+        assert_eq!(s.config(), stage(rules3("weighted", Some([2.0, 1.0, 0.0]))).config());
+        // (2·1 + 1·4 + 0·100) / 3 = 2, as in `weighted_aggregate`.
+        let r = raw(vec![vec![Some(1.0)], vec![Some(4.0)], vec![Some(100.0)]]);
+        close(s.aggregate(&r, None).value(0).into(), 2.0);
+        // Without weights the default stays `mean`; a weight with an explicit `mean` is still an error.
+        let mut v = rules3("mean", None);
+        v.as_object_mut().unwrap().remove("aggregate");
+        assert_eq!(stage(v).c.aggregation(), Aggregate::Mean);
+        assert!(Score::build(&rules3("mean", Some([1.0, 1.0, 1.0]))).is_err());
     }
 
     #[test]

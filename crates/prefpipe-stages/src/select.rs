@@ -9,6 +9,6 @@ pub const KIND: StageKind = StageKind {
     name: "select",
     about: "groups of scored samples → pairs or lists (strategy: max_min, reward_points, ...)",
     arity: Arity::Many,
-    build: |v| Ok(Box::new(strategy_stage::build(v, "select", prefpipe_select::SELECT, &[])?)),
-    schema: || strategy_stage::schema("select", prefpipe_select::SELECT, None),
+    build: |v| Ok(Box::new(strategy_stage::build(v, "select", prefpipe_select::SELECT, &[], true)?)),
+    schema: || strategy_stage::schema("select", prefpipe_select::SELECT, None, true),
 };

@@ -102,22 +102,29 @@ pub struct Pair<'a> {
 pub struct Prompts {
     text: StringArray,
     chats: Option<Vec<Vec<ChatMessage>>>,
+    /// Rows whose prompt (or conversation) is null.
+    null: Vec<bool>,
 }
 
 impl Prompts {
     pub fn of(batch: &RecordBatch) -> Result<Prompts> {
         let text = str_col(batch, col::PROMPT)?;
-        let chats = if table::has_messages(&batch.schema()) {
+        let (chats, null) = if table::has_messages(&batch.schema()) {
             let conv = table::Conversations::of(batch, col::MESSAGES)?;
-            Some(
-                (0..batch.num_rows())
-                    .map(|r| conv.row(r).iter().map(|m| ChatMessage { role: m.role.to_string(), content: m.content.to_string() }).collect())
-                    .collect(),
-            )
+            let chats = (0..batch.num_rows())
+                .map(|r| conv.row(r).iter().map(|m| ChatMessage { role: m.role.to_string(), content: m.content.to_string() }).collect())
+                .collect();
+            (Some(chats), (0..batch.num_rows()).map(|r| conv.is_null(r)).collect())
         } else {
-            None
+            (None, (0..batch.num_rows()).map(|r| text.is_null(r)).collect())
         };
-        Ok(Prompts { text, chats })
+        Ok(Prompts { text, chats, null })
+    }
+
+    /// Whether row `r` has no prompt: a model must not read it as "" (such
+    /// rows are dropped as `null_prompt`, or their scores left null).
+    pub fn is_null(&self, r: usize) -> bool {
+        self.null[r]
     }
 
     pub fn get(&self, r: usize) -> Prompt<'_> {

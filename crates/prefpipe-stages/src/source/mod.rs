@@ -228,7 +228,17 @@ fn normalize(rows: &Rows, schema: &SchemaRef, c: &SourceConfig, shape: &Shape) -
     let mut keep: Vec<u32> = Vec::with_capacity(batch.num_rows());
     for r in 0..batch.num_rows() {
         let id = ids.value(r);
-        if c.dedup && !seen.insert((id, sample.as_ref().map(|s| if s.is_null(r) { "" } else { s.value(r) }))) {
+        let s = sample.as_ref().map(|s| if s.is_null(r) { "" } else { s.value(r) });
+        // A samples table's (prompt_id, sample_idx) is its key: a repeat is dropped with
+        // `dedup`, else refused (row order would decide which copy a strategy sees).
+        if (c.dedup || s.is_some()) && !seen.insert((id, s)) {
+            if !c.dedup {
+                return Err(Error::Input(format!(
+                    "{}: prompt `{id}` sample_idx {} repeats an earlier row; (prompt_id, sample_idx) must be unique (`dedup: true` keeps the first)",
+                    rows.at(r),
+                    s.unwrap_or_default()
+                )));
+            }
             out.drop("duplicate", 1);
             continue;
         }
@@ -531,6 +541,27 @@ mod tests {
     fn prompt_ids_are_blake3_prefixes() {
         // blake3("hello") = ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f (BLAKE3 reference test vector).
         assert_eq!(prompt_id("hello"), "ea8f163db3868292");
+    }
+
+    #[test]
+    fn repeated_samples_are_refused_unless_dedup() {
+        let dir = tempfile::tempdir().unwrap();
+        let row = |id: &str, s: u32, r: &str| {
+            format!("{{\"prompt_id\": \"{id}\", \"prompt\": \"q\", \"sample_idx\": {s}, \"response\": \"{r}\"}}\n")
+        };
+        std::fs::write(dir.path().join("s.jsonl"), row("a", 0, "x") + &row("a", 1, "y") + &row("b", 0, "z") + &row("a", 0, "w")).unwrap();
+        let e = read(dir.path(), serde_json::json!({"path": "s.jsonl"})).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = e.to_string();
+        assert!(e.contains("s.jsonl: row 4: prompt `a` sample_idx 0 repeats an earlier row"), "{e}");
+        // `dedup: true` keeps the first copy (response `x`) and counts the other.
+        let c = cfg(serde_json::json!({"path": "s.jsonl", "dedup": true}));
+        let (b, out) = read_all(&c, &dir.path().join("s.jsonl")).unwrap();
+        assert_eq!(strings(&b, "response"), ["x", "y", "z"]);
+        assert_eq!(out.drops.get("duplicate"), Some(&1));
+        // A table without `sample_idx` (prompts, or pairs) may repeat a prompt.
+        std::fs::write(dir.path().join("p.jsonl"), "{\"prompt\": \"q\"}\n{\"prompt\": \"q\"}\n").unwrap();
+        assert_eq!(read(dir.path(), serde_json::json!({"path": "p.jsonl"})).unwrap().num_rows(), 2);
     }
 
     #[test]
