@@ -13,6 +13,9 @@ use prefpipe_select::Input;
 
 use crate::model_ref::{model_err, ModelRef};
 
+/// (prompt ids, response ids) of one side of a pair.
+type Seq = (Vec<u32>, Vec<u32>);
+
 pub struct ChesStage {
     c: Ches,
     model: ModelRef,
@@ -67,8 +70,8 @@ impl Stage for ChesStage {
         let rejected = str_col(&batch, "rejected")?;
         let n = batch.num_rows();
         let mut dropped = Output::default();
-        // (row, sequences) of every pair that is scored.
-        let mut todo: Vec<(usize, [(Vec<u32>, Vec<u32>); 2])> = Vec::with_capacity(n);
+        // (row, [chosen, rejected] as (prompt ids, response ids)) of every pair that is scored.
+        let mut todo: Vec<(usize, [Seq; 2])> = Vec::with_capacity(n);
         for r in 0..n {
             if prompts.is_null(r) {
                 dropped.drop("null_prompt", 1);

@@ -369,7 +369,8 @@ pub fn normalised_labels(rewards: &[f64]) -> Option<Vec<f64>> {
     }
     let lo = rewards.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if !(hi > lo) {
+    // All finite here, so `<=` is the negation of `>`.
+    if hi <= lo {
         return None;
     }
     let s = if (hi - lo).is_finite() { 1.0 } else { 0.5 };
