@@ -147,6 +147,7 @@ pub fn build(input: &RecordBatch, schema: &SchemaRef, rows: &PairRows, extra: Ve
         rejected_reward.clone(),
         Arc::new(margin),
     ];
+    cols.extend(crate::tokens::take_tokens(input, &ci, &ri)?);
     cols.extend(extra);
     for f in schema.fields().iter().skip(cols.len()) {
         let c = input.column_by_name(f.name()).expect("carried columns exist");
@@ -185,10 +186,7 @@ mod tests {
         // repeat_ranking with rankers j1 = j2 = reward: Borda winner idx 0, loser idx 2 (copies).
         let r = vec![3.0, 1.0, 0.0, 2.0, 1.0];
         let b2 = with_responses(
-            &testkit::scored(
-                &[("p", 0, 3.0), ("p", 1, 1.0), ("p", 2, 0.0), ("q", 0, 2.0), ("q", 1, 1.0)],
-                &[("j1", r.clone()), ("j2", r)],
-            ),
+            &testkit::scored(&[("p", 0, 3.0), ("p", 1, 1.0), ("p", 2, 0.0), ("q", 0, 2.0), ("q", 1, 1.0)], &[("j1", r.clone()), ("j2", r)]),
             &["A", "B", "A", "C", "D"],
         );
         let out = testkit::run(strategy("repeat_ranking", json!({"rankers": ["j1", "j2"]})).as_ref(), &[b2]).unwrap();
@@ -207,7 +205,13 @@ mod tests {
         // rewards [3, 1, 2], texts [A, A, B], r̂ = 0.1·(logp_policy − logp_reference) = [0, 0, 0.5]:
         // pair 0/1 (two copies of A, margin 0) is skipped; of 0/2 (|0 − 0.5| = 0.5) and
         // 2/1 (|0.5 − 0| = 0.5), the tie goes to chosen_idx 0 → (0, 2).
-        let rows = [("p", 0, 3.0, -1.0, -1.0), ("p", 1, 1.0, -1.0, -1.0), ("p", 2, 2.0, 4.0, -1.0), ("q", 0, 1.0, 0.0, 0.0), ("q", 1, 2.0, 0.0, 0.0)];
+        let rows = [
+            ("p", 0, 3.0, -1.0, -1.0),
+            ("p", 1, 1.0, -1.0, -1.0),
+            ("p", 2, 2.0, 4.0, -1.0),
+            ("q", 0, 1.0, 0.0, 0.0),
+            ("q", 1, 2.0, 0.0, 0.0),
+        ];
         let b = with_responses(&crate::small_margin::tests::batch(&rows), &["A", "A", "B", "C", "C"]);
         let out = testkit::run(strategy("small_margin", json!({})).as_ref(), &[b]).unwrap();
         let o = testkit::one(&out);
@@ -222,7 +226,9 @@ mod tests {
         // A scored table with its own `chosen` column: the pairs table's `chosen` would replace it.
         let b = testkit::scored(&[("p", 0, 1.0), ("p", 1, 2.0)], &[]);
         let b = testkit::with_text_column(&b, "chosen", &["x", "y"]);
-        for (name, v) in [("max_min", json!({})), ("reward_points", json!({})), ("repeat_ranking", json!({"rankers": ["reward", "reward"]}))] {
+        for (name, v) in
+            [("max_min", json!({})), ("reward_points", json!({})), ("repeat_ranking", json!({"rankers": ["reward", "reward"]}))]
+        {
             let e = strategy(name, v).plan(&[Input { id: "scored", schema: &b.schema() }]).unwrap_err();
             assert!(
                 e.iter().any(|e| e.message.contains("input `scored` already has a column `chosen`, which this strategy writes")),

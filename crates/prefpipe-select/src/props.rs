@@ -78,7 +78,7 @@ fn gen(rng: &mut Rng) -> Vec<Vec<Row>> {
                 .map(|s| Row {
                     pid: format!("p{:02}", ids[p]),
                     idx: idxs[s],
-                    reward: rng.pick(&[-1.0, 0.0, 0.5, 1.0, 2.0], 6),
+                    reward: rng.pick(&[-1.0, -0.0, 0.0, 0.5, 1.0, 2.0], 6),
                     lp: rng.pick(&[-2.0, -1.5, -1.0], 3),
                     lr: rng.pick(&[-2.0, -1.0], 3),
                     j: [rng.pick(&[1.0, 2.0, 3.0], 3), rng.pick(&[1.0, 2.0, 3.0], 3), rng.pick(&[1.0, 2.0, 3.0, 4.0], 3)],

@@ -359,7 +359,13 @@ fn with_null_reward(b: &RecordBatch) -> Result<RecordBatch> {
 fn output_fields(unscored: bool) -> Vec<Field> {
     let mut fields: Vec<Field> = table::pairs_fields()
         .into_iter()
-        .map(|f| if unscored && matches!(f.name().as_str(), "chosen_reward" | "rejected_reward" | "margin") { f.with_nullable(true) } else { f })
+        .map(|f| {
+            if unscored && matches!(f.name().as_str(), "chosen_reward" | "rejected_reward" | "margin") {
+                f.with_nullable(true)
+            } else {
+                f
+            }
+        })
         .collect();
     fields.extend(["kendall_w", "chosen_borda", "rejected_borda"].map(|n| Field::new(n, DataType::Float64, false)));
     fields
@@ -487,7 +493,11 @@ impl Strategy for RepeatRanking {
         // Borda decides the pair; `reward` is only carried, so it may be absent.
         let unscored = scored.schema.field_with_name(col::REWARD).is_err();
         let mut fields = output_fields(unscored);
-        errs.extend(if unscored { pairs::require_samples(scored.schema, scored.id) } else { pairs::require_scored(scored.schema, scored.id) });
+        errs.extend(if unscored {
+            pairs::require_samples(scored.schema, scored.id)
+        } else {
+            pairs::require_scored(scored.schema, scored.id)
+        });
         errs.extend(pairs::collisions(scored.schema, scored.id, &fields));
         if !errs.is_empty() {
             return Err(errs);
