@@ -36,6 +36,7 @@ pub mod max_min;
 pub mod repeat_ranking;
 pub mod reward_points;
 pub mod small_margin;
+pub mod tokens;
 
 #[cfg(test)]
 mod props;
@@ -99,7 +100,10 @@ pub trait Strategy: Send + Sync {
     /// use [`one_input`]).
     fn plan(&self, inputs: &[Input]) -> Result<SchemaRef, Vec<ConfigError>>;
     /// Runs over all rows of one unit (a prompt-aligned chunk, or the whole
-    /// input), one batch per input.
+    /// input), one batch per input. `schema` is what `plan` returned, possibly
+    /// with more columns at its end (the select stage's `carry:`): a strategy
+    /// takes those by name from the chosen (or best) row, like its own carried
+    /// columns ([`pairs::build`] does).
     fn run(&self, inputs: &[RecordBatch], schema: &SchemaRef) -> Result<Output>;
 }
 

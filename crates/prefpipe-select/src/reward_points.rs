@@ -264,6 +264,14 @@ mod tests {
     }
 
     #[test]
+    fn signed_zeros_are_a_tie() {
+        // −0.0 = +0.0 (IEEE 754): max (idx 0 by the lowest-sample_idx rule) and min are equal
+        // rewards, so there is no pair — the same as two equal rewards.
+        assert_eq!(pick(&cands(&[-0.0, 0.0]), &cfg(Point::Max, Point::Min, 0))[0], Err(DropReason::Tie));
+        assert_eq!(pick(&cands(&[0.0, -0.0]), &cfg(Point::Max, Point::MuMinus2Sigma, 0))[0], Err(DropReason::Tie));
+    }
+
+    #[test]
     fn all_points_gives_21_pairs() {
         let c = cands(&[0., 1., 2., 3., 4., 5., 6., 7., 8., 9.]);
         let r = pick(&c, &RewardPoints { all_points: true, ..cfg(Point::Max, Point::Min, 0) });
