@@ -142,10 +142,14 @@ fn schemas_are_fresh() {
     }
 }
 
+/// Every example pipeline runs (in a sandbox: their `../out/` outputs go to
+/// a temp dir, not the repository's `out/`), and output paths print
+/// normalised (`out/x.parquet`, not `pipelines/../out/x.parquet`).
 #[test]
 fn every_example_pipeline_runs() {
+    let sandbox = crate::common::pipelines_sandbox();
     let mut n = 0;
-    for e in std::fs::read_dir(root().join("pipelines")).unwrap().flatten() {
+    for e in std::fs::read_dir(sandbox.path().join("pipelines")).unwrap().flatten() {
         let p = e.path();
         if p.extension().is_none_or(|x| x != "yaml")
             || p.file_name().unwrap().to_string_lossy().starts_with("real-")
@@ -158,11 +162,18 @@ fn every_example_pipeline_runs() {
             continue;
         }
         let store = tempfile::tempdir().unwrap();
-        let o = prefpipe(&root(), &["run", p.to_str().unwrap(), "--store", store.path().to_str().unwrap()]);
-        assert!(o.status.success(), "{}:\n{}", p.display(), stderr(&o));
+        let rel = format!("pipelines/{}", p.file_name().unwrap().to_string_lossy());
+        let o = prefpipe(sandbox.path(), &["run", &rel, "--store", store.path().to_str().unwrap()]);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{}:\n{err}", p.display());
+        assert!(!err.contains("/../") && !err.contains("/./"), "{rel}: paths print normalised:\n{err}");
+        if std::fs::read_to_string(&p).unwrap().contains("kind: export") {
+            assert!(err.contains(" → out/"), "{rel}: an export's output path:\n{err}");
+        }
         n += 1;
     }
     assert!(n >= 1);
+    assert!(crate::common::files_under(&sandbox.path().join("out")).len() >= n, "outputs went to the sandbox");
 }
 
 #[test]

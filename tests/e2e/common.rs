@@ -17,6 +17,21 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A temporary copy of the repository's layout for the example pipelines:
+/// `pipelines/` (copied), `data-samples` (a link to the repository's) and an
+/// empty `out/`, so their `../out/…` outputs land in the temp dir, never in
+/// the repository's `out/`.
+pub fn pipelines_sandbox() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    for e in std::fs::read_dir(root().join("pipelines")).unwrap().flatten() {
+        std::fs::copy(e.path(), dir.path().join("pipelines").join(e.file_name())).unwrap();
+    }
+    std::os::unix::fs::symlink(root().join("data-samples"), dir.path().join("data-samples")).unwrap();
+    dir
+}
+
 /// Runs `prefpipe ARGS` in `dir`.
 pub fn prefpipe(dir: &Path, args: &[&str]) -> Output {
     Command::new(bin()).args(args).current_dir(dir).output().expect("runs prefpipe")

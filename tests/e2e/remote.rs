@@ -221,7 +221,10 @@ fn scripted_server_errors_fail_or_drop() {
     prompts.push("TOOLONG please".into());
     let d = setup(&generate_yaml(&server.base_url(), "vllm", "", ""), &prompts);
     ok(prefpipe(d.path(), &["run", "pipeline.yaml"]));
-    assert_eq!(stage(&run_json(&d.path().join(".prefpipe")), "samples")["drops"]["prompt_too_long"], 1);
+    let run = run_json(&d.path().join(".prefpipe"));
+    assert_eq!(stage(&run, "samples")["drops"]["prompt_too_long"], 1);
+    // run.json says what ran: the model behind a server.
+    assert_eq!((&run["device"], &stage(&run, "samples")["device"]), (&"remote".into(), &"remote".into()), "{run}");
     assert_eq!(responses(&d.path().join("samples.parquet")).len(), 6);
     // A 200 without `choices` fails the stage (exit 1) with a message that names what is wrong.
     let mut prompts = numbered(3);

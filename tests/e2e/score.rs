@@ -95,17 +95,23 @@ stages:
 fn quickstart_scores_and_pairs() {
     let store = tempfile::tempdir().unwrap();
     let s = store.path().to_str().unwrap();
-    let p = root().join("pipelines/quickstart.yaml");
-    let p = p.to_str().unwrap();
-    ok(prefpipe(&root(), &["run", p, "--store", s]));
+    // A sandbox, so the export lands in a temp `out/`, not the repository's.
+    let sandbox = crate::common::pipelines_sandbox();
+    let p = "pipelines/quickstart.yaml";
+    let o = prefpipe(sandbox.path(), &["run", p, "--store", s]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    // The export's path prints normalised: not `pipelines/../out/…`.
+    assert!(err.contains("→ out/quickstart-pairs.parquet") && !err.contains("/../"), "{err}");
+    assert!(sandbox.path().join("out/quickstart-pairs.parquet").is_file());
     // aggregate: weighted with weights rm 1, correct 2, length 0.5: reward = (rm + 2·correct + 0.5·length) / 3.5.
     let sql = "SELECT count(*) AS n, max(abs(reward - (reward_rm + 2.0 * reward_correct + 0.5 * reward_length) / 3.5)) < 1e-12 AS exact, \
                sum(CASE WHEN reward IS NULL THEN 1 ELSE 0 END) AS nulls FROM scored";
-    let out = ok(prefpipe(&root(), &["query", sql, "--pipeline", p, "--store", s, "--format", "csv"]));
+    let out = ok(prefpipe(sandbox.path(), &["query", sql, "--pipeline", p, "--store", s, "--format", "csv"]));
     // 24 prompts × n = 4.
     assert_eq!(out, "n,exact,nulls\n96,true,0\n");
     let out = ok(prefpipe(
-        &root(),
+        sandbox.path(),
         &["query", "SELECT count(*) AS n, min(margin) > 0 AS oriented FROM pairs", "--pipeline", p, "--store", s, "--format", "csv"],
     ));
     assert!(out.ends_with(",true\n") && !out.contains("\n0,"), "{out}");

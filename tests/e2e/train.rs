@@ -83,11 +83,129 @@ stages:
         let (l1, l2) = (case["step1"]["loss"].as_f64().unwrap(), case["step2"]["loss"].as_f64().unwrap());
         assert!((got[0].1 - l1).abs() <= 1e-4 * l1.abs(), "{name}: step-1 loss {} vs PyTorch {l1}", got[0].1);
         assert!((got[1].1 - l2).abs() <= 1e-3 * l2.abs(), "{name}: step-2 loss {} vs PyTorch {l2}", got[1].1);
-        // The checkpoint is a Hugging Face directory.
+        // The checkpoint is a Hugging Face directory, its files with the mode
+        // any new file gets here (the umask's: 0644 under 022), not the 0600 of
+        // safetensors' temp file.
         for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
             assert!(dir.path().join("out/model").join(f).is_file(), "{name}: {f}");
+            #[cfg(unix)]
+            assert_eq!(mode(&dir.path().join("out/model").join(f)), fresh_mode(dir.path()), "{name}: mode of {f}");
+        }
+        // run.json says where the model ran.
+        let run: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(".prefpipe/run.json")).unwrap()).unwrap();
+        assert_eq!(run["device"], "cpu", "{name}: {run}");
+        assert_eq!(run["stages"][1]["device"], "cpu", "{name}: {run}");
+        assert_eq!(run["status"], "succeeded");
+    }
+}
+
+/// Permission bits of a file.
+#[cfg(unix)]
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// The mode a newly created file gets in `dir` (0666 less the umask).
+#[cfg(unix)]
+fn fresh_mode(dir: &Path) -> u32 {
+    let probe = dir.join(".mode-probe");
+    std::fs::write(&probe, b"").unwrap();
+    let m = mode(&probe);
+    std::fs::remove_file(probe).unwrap();
+    m
+}
+
+/// Rewrites f32 tensors of a safetensors file in place (header untouched).
+fn patch_f32(file: &Path, edits: &[(&str, &dyn Fn(&[usize], &mut [f32]))]) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    for (name, edit) in edits {
+        let t = &header[*name];
+        assert_eq!(t["dtype"], "F32", "{name}");
+        let shape: Vec<usize> = t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let (a, b) = (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
+        let data = &mut bytes[8 + n + a..8 + n + b];
+        let mut vals: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        edit(&shape, &mut vals);
+        data.iter_mut().zip(vals.iter().flat_map(|v| v.to_le_bytes())).for_each(|(d, v)| *d = v);
+    }
+    std::fs::write(file, bytes).unwrap();
+}
+
+/// A NaN gradient with a finite loss fails the train stage at run time
+/// (exit 1) naming the step, writes no checkpoint, and leaves a `run.json`
+/// that names the failing stage and the error (replacing the previous run's).
+/// The model (tiny-llama, patched): embedding column 0 is 100 for every
+/// token, so the last hidden state's component 0 is positive everywhere, and
+/// lm_head's row for a token the data never uses is −∞ there: that logit is
+/// −∞ (softmax weight 0, loss finite) while backward computes 0·(−∞) = NaN.
+/// Before: clipping took the NaN norm as coefficient 1, AdamW wrote NaN
+/// weights, and the one-step run saved them and exited 0.
+#[test]
+fn nan_gradient_fails_the_stage_and_writes_no_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("nan-model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(models().join("tiny-llama")).unwrap().flatten() {
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let data = root().join("tests/golden/train/pairs.jsonl");
+    let m = prefpipe_models::Model::load(&model, &prefpipe_models::Device::Cpu).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for line in std::fs::read_to_string(&data).unwrap().lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        for k in ["chosen", "rejected"] {
+            let (p, y) = m.pair_ids(prefpipe_models::Prompt::Text(r["prompt"].as_str().unwrap()), r[k].as_str().unwrap(), false).unwrap();
+            used.extend(p.into_iter().chain(y));
         }
     }
+    let unused = (0..512usize).rev().find(|t| !used.contains(&(*t as u32))).unwrap();
+    patch_f32(
+        &model.join("model.safetensors"),
+        &[
+            ("model.embed_tokens.weight", &|shape, v| (0..shape[0]).for_each(|r| v[r * shape[1]] = 100.0)),
+            ("lm_head.weight", &|shape, v| v[unused * shape[1]] = f32::NEG_INFINITY),
+        ],
+    );
+    let yaml = format!(
+        "name: nan
+stages:
+  - id: data
+    kind: source
+    path: {data}
+  - id: train
+    kind: train
+    input: data
+    model: nan-model
+    lr: 0.001
+    batch_size: 4
+    max_steps: 1
+    output: out/model
+    metrics: out/metrics.parquet
+",
+        data = data.display()
+    );
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    ok(prefpipe(dir.path(), &["run", "p.yaml", "--until", "data"]));
+    let o = prefpipe(dir.path(), &["run", "p.yaml"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "a run-time failure:\n{err}");
+    let last = err.lines().last().unwrap();
+    assert!(last.starts_with("error: stage `train`") && last.contains("step 1") && last.contains("gradient norm is not finite (NaN)"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!dir.path().join("out").exists(), "no checkpoint, no metrics");
+    let ckpts: Vec<_> = files_under(&dir.path().join(".prefpipe")).into_iter().filter(|f| f.to_string_lossy().contains("checkpoints")).collect();
+    assert!(ckpts.is_empty(), "no resume checkpoint either: {ckpts:?}");
+    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(".prefpipe/run.json")).unwrap()).unwrap();
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["error"]["stage"], "train", "{run}");
+    assert_eq!(run["error"]["exit_code"], 1, "{run}");
+    assert!(run["error"]["message"].as_str().unwrap().contains("gradient norm"), "{run}");
+    let stages = run["stages"].as_array().unwrap();
+    assert_eq!((stages.len(), &stages[0]["status"], &stages[1]["status"]), (2, &"cached".into(), &"failed".into()), "{run}");
+    assert_eq!(stages[1]["device"], "cpu", "{run}");
 }
 
 /// 8 pairs, batch 4, 240 shuffled steps, a checkpoint every 20.

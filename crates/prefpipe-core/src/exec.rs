@@ -1,8 +1,10 @@
 //! Runs a plan against the store: skips what is done, resumes what is half
-//! done, and writes `run.json`.
+//! done, recomputes stored chunks that are missing or corrupt, and writes
+//! `run.json` — also when a stage fails, naming it and the error.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -17,6 +19,12 @@ pub trait Reporter: Sync {
     fn stage_started(&self, id: &str, kind: &str, status: &str, total: u64);
     fn progress(&self, id: &str, done: u64, total: u64);
     fn stage_finished(&self, report: &StageReport);
+    /// Something the user should know that does not stop the run (a stored
+    /// chunk found corrupt and computed again).
+    fn warning(&self, stage: &str, message: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "warning: stage `{stage}`: {message}");
+    }
 }
 
 /// A reporter that says nothing (tests, library use).
@@ -26,6 +34,7 @@ impl Reporter for Quiet {
     fn stage_started(&self, _: &str, _: &str, _: &str, _: u64) {}
     fn progress(&self, _: &str, _: u64, _: u64) {}
     fn stage_finished(&self, _: &StageReport) {}
+    fn warning(&self, _: &str, _: &str) {}
 }
 
 #[derive(Debug, Default)]
@@ -42,7 +51,9 @@ pub struct StageReport {
     pub id: String,
     pub kind: String,
     pub key: String,
-    /// `ran`, `resumed` (some chunks were already done) or `cached`.
+    /// `ran`, `resumed` (some chunks were already done), `repaired` (stored
+    /// chunks found missing or corrupt were computed again), `cached`, or
+    /// `failed`.
     pub status: String,
     pub chunks: usize,
     pub rows_in: u64,
@@ -57,6 +68,10 @@ pub struct StageReport {
     /// Input columns the stage's output does not carry ([`crate::stage::Stage::dropped_columns`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dropped_columns: Vec<String>,
+    /// Where the stage's models ran in this run: `cpu`, `cuda:N`, `metal:N`,
+    /// `remote`, or several joined by `+`; absent when it ran none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,14 +81,74 @@ pub struct RunReport {
     pub prefpipe_version: String,
     pub seed: u64,
     pub chunk_size: usize,
+    /// Where this run's models ran: the stages' devices joined by `+`
+    /// (`cpu`, `cuda:0`, `remote`, `cpu+remote`, …); `cpu` when no model ran.
     pub device: String,
     pub elapsed_s: f64,
+    /// `succeeded` or `failed`.
+    pub status: String,
+    /// The failure, when the run failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<RunError>,
     pub stages: Vec<StageReport>,
 }
 
-/// Runs the plan; returns the report also written to `<store>/run.json`.
+/// Why a run failed, in `run.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunError {
+    /// The stage that failed (absent for a failure before any stage ran, e.g. `--force NOPE`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// The one-line error the command printed.
+    pub message: String,
+    /// 1 (run-time failure) or 2 (bad input), as the command exits.
+    pub exit_code: i32,
+}
+
+/// Runs the plan; returns the report also written to `<store>/run.json`. A
+/// failed run writes `run.json` too (the stages so far, the failing one with
+/// status `failed`, and the error) before returning the error.
 pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Reporter) -> Result<RunReport> {
     let t0 = Instant::now();
+    let mut reports = Vec::new();
+    let result = run_stages(plan, store, opts, reporter, &mut reports);
+    let devices: std::collections::BTreeSet<&str> =
+        reports.iter().filter(|r| r.status != "cached").filter_map(|r| r.device.as_deref()).flat_map(|d| d.split('+')).collect();
+    let error = result.as_ref().err().map(|e| RunError {
+        stage: match e {
+            Error::Stage { stage, .. } => Some(stage.clone()),
+            _ => None,
+        },
+        message: e.to_string().lines().next().unwrap_or_default().to_string(),
+        exit_code: e.exit_code(),
+    });
+    let report = RunReport {
+        pipeline: plan.spec.name.clone(),
+        pipeline_hash: plan.spec.text_hash.clone(),
+        prefpipe_version: env!("CARGO_PKG_VERSION").to_string(),
+        seed: plan.spec.seed,
+        chunk_size: plan.spec.chunk_size,
+        device: if devices.is_empty() { "cpu".to_string() } else { devices.into_iter().collect::<Vec<_>>().join("+") },
+        elapsed_s: t0.elapsed().as_secs_f64(),
+        status: if error.is_some() { "failed" } else { "succeeded" }.to_string(),
+        error,
+        stages: reports,
+    };
+    let bytes = serde_json::to_vec_pretty(&report).expect("report serializes");
+    let path = store.root.join("run.json");
+    let written = crate::io::write_atomic(&path, |f| {
+        use std::io::Write;
+        f.write_all(&bytes).map_err(|e| Error::io(&path, e))
+    });
+    // The run's own error comes first; then a manifest that could not be written.
+    result?;
+    written?;
+    Ok(report)
+}
+
+/// Runs the selected stages in order, pushing each one's report (a failing
+/// stage's too, with status `failed`).
+fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Reporter, reports: &mut Vec<StageReport>) -> Result<()> {
     let mut selected = vec![true; plan.stages.len()];
     if let Some(u) = &opts.until {
         let i = plan.require(u, "--until")?;
@@ -89,34 +164,48 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Reporte
             store.clear(&s.id, &s.key)?;
         }
     }
-    let mut reports = Vec::new();
     let mut manifests: Vec<Option<Manifest>> = vec![None; plan.stages.len()];
     for (i, s) in plan.stages.iter().enumerate() {
         if !selected[i] {
             continue;
         }
-        let r = run_stage(plan, store, i, &manifests, reporter).map_err(|e| e.in_stage(&s.id))?;
-        reporter.stage_finished(&r.0);
-        reports.push(r.0);
-        manifests[i] = Some(r.1);
+        let t0 = Instant::now();
+        let devices = Mutex::new(BTreeSet::new());
+        match run_stage(plan, store, i, &manifests, reporter, &devices) {
+            Ok(r) => {
+                reporter.stage_finished(&r.0);
+                reports.push(r.0);
+                manifests[i] = Some(r.1);
+            }
+            Err(e) => {
+                // What the store holds of it now (finished chunks stay for the next run).
+                let m = store.manifest(&s.id, &s.key).ok().flatten().unwrap_or_default();
+                reports.push(StageReport {
+                    id: s.id.clone(),
+                    kind: s.kind.clone(),
+                    key: s.key.clone(),
+                    status: "failed".to_string(),
+                    chunks: m.chunks.len(),
+                    rows_in: m.rows_in(),
+                    rows_out: m.rows_out(),
+                    drops: m.drops(),
+                    elapsed_s: t0.elapsed().as_secs_f64(),
+                    output: None,
+                    backend: s.stage.run_info(),
+                    dropped_columns: s.dropped_columns.clone(),
+                    device: joined(&devices),
+                });
+                return Err(e.in_stage(&s.id));
+            }
+        }
     }
-    let report = RunReport {
-        pipeline: plan.spec.name.clone(),
-        pipeline_hash: plan.spec.text_hash.clone(),
-        prefpipe_version: env!("CARGO_PKG_VERSION").to_string(),
-        seed: plan.spec.seed,
-        chunk_size: plan.spec.chunk_size,
-        device: "cpu".to_string(),
-        elapsed_s: t0.elapsed().as_secs_f64(),
-        stages: reports,
-    };
-    let bytes = serde_json::to_vec_pretty(&report).expect("report serializes");
-    let path = store.root.join("run.json");
-    crate::io::write_atomic(&path, |f| {
-        use std::io::Write;
-        f.write_all(&bytes).map_err(|e| Error::io(&path, e))
-    })?;
-    Ok(report)
+    Ok(())
+}
+
+/// A stage's devices, `+`-joined; `None` when its models ran nowhere.
+fn joined(devices: &Mutex<BTreeSet<String>>) -> Option<String> {
+    let d = devices.lock().expect("devices");
+    (!d.is_empty()).then(|| d.iter().cloned().collect::<Vec<_>>().join("+"))
 }
 
 /// The input tables of stage `i`, from finished manifests.
@@ -138,6 +227,7 @@ fn run_stage(
     i: usize,
     manifests: &[Option<Manifest>],
     reporter: &dyn Reporter,
+    devices: &Mutex<BTreeSet<String>>,
 ) -> Result<(StageReport, Manifest)> {
     let s = &plan.stages[i];
     let t0 = Instant::now();
@@ -169,19 +259,43 @@ fn run_stage(
         rows_out: m.rows_out(),
         drops: m.drops(),
         elapsed_s: t0.elapsed().as_secs_f64(),
-        output: m.external.as_ref().map(|e| e.path.clone()),
+        // Lexically normalised for display (`pipelines/../out/x` → `out/x`).
+        output: m.external.as_ref().map(|e| crate::stage::normalize(&e.path)),
         backend: None,
         dropped_columns: s.dropped_columns.clone(),
+        device: None,
     };
+    let inputs = input_tables(plan, store, i, manifests);
+    let per_chunk = match s.mode {
+        Mode::PerChunk => true,
+        Mode::PerPrompt => inputs.len() == 1 && inputs[0].1.aligned,
+        _ => false,
+    };
+    // A stored chunk that is missing, unreadable or altered (its blake3 no
+    // longer matches the record) is not done: it is computed again — only
+    // it, for a per-chunk stage; the whole stage otherwise.
+    let mut repaired = false;
+    let recorded: Vec<(usize, ChunkRecord)> = m.chunks.iter().map(|(c, r)| (*c, r.clone())).collect();
+    for (c, rec) in recorded {
+        if let Err(why) = store.verify_chunk(&m, &rec) {
+            let redo = if per_chunk { "computing that chunk again" } else { "running the stage again" };
+            reporter.warning(&s.id, &format!("stored chunk {c} ({}) {why}; {redo}", rec.file));
+            m.chunks.remove(&c);
+            m.complete = false;
+            repaired = true;
+        }
+    }
     if m.complete {
         reporter.stage_started(&s.id, &s.kind, "cached", 0);
         return Ok((report(&m, "cached", t0), m));
     }
     std::fs::create_dir_all(dir.join("scratch")).map_err(|e| Error::io(&dir, e))?;
-    let inputs = input_tables(plan, store, i, manifests);
     let scratch = dir.join("scratch");
     let id = s.id.as_str();
     let progress = |done: u64, total: u64| reporter.progress(id, done, total);
+    let record_device = |d: &str| {
+        devices.lock().expect("devices").insert(d.to_string());
+    };
     let cx = |chunk| RunCx {
         stage_id: &s.id,
         seed: plan.spec.seed,
@@ -194,11 +308,7 @@ fn run_stage(
         store_root: &store.root,
         stage_key: &s.key,
         progress: &progress,
-    };
-    let per_chunk = match s.mode {
-        Mode::PerChunk => true,
-        Mode::PerPrompt => inputs.len() == 1 && inputs[0].1.aligned,
-        _ => false,
+        device: &record_device,
     };
     // Only per-chunk stages resume; the others start over.
     let resumed = per_chunk && !m.chunks.is_empty();
@@ -219,8 +329,8 @@ fn run_stage(
             let rows_in = if out.rows_in > 0 { out.rows_in } else { input_m.chunks.values().nth(c).map_or(0, |r| r.rows_out) };
             let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
             check_schema(&s.schema, &out.batches)?;
-            crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, &out.batches)?;
-            let rec = ChunkRecord { file: chunk_file_name(c), rows_in, rows_out, drops: out.drops };
+            let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, &out.batches)?;
+            let rec = ChunkRecord { file: chunk_file_name(c), rows_in, rows_out, drops: out.drops, blake3: Some(blake3) };
             store.record_chunk(&s.id, &s.key, c, &rec)?;
             let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             reporter.progress(&s.id, k, n as u64);
@@ -247,12 +357,12 @@ fn run_stage(
             let path = s.external.clone().expect("a sink names its file");
             let blake3 = crate::io::file_digest(&path)?;
             m.external = Some(ExternalRecord { path, blake3 });
-            m.chunks.insert(0, ChunkRecord { file: String::new(), rows_in, rows_out: rows_in, drops: out.drops });
+            m.chunks.insert(0, ChunkRecord { file: String::new(), rows_in, rows_out: rows_in, drops: out.drops, blake3: None });
         } else if s.mode == Mode::Source {
             let mut batches = out.batches.into_iter().enumerate().peekable();
             if batches.peek().is_none() {
-                crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
-                m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone() });
+                let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
+                m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone(), blake3: Some(blake3) });
             }
             // Chunk files are independent: write them in parallel.
             use rayon::prelude::*;
@@ -260,16 +370,16 @@ fn run_stage(
                 .collect::<Vec<_>>()
                 .into_par_iter()
                 .map(|(c, b)| {
-                    crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
+                    let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
                     let (rows_in, drops) = if c == 0 { (rows_in, out.drops.clone()) } else { (0, Default::default()) };
-                    Ok((c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops }))
+                    Ok((c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops, blake3: Some(blake3) }))
                 })
                 .collect::<Result<_>>()?;
             m.chunks.extend(records);
         } else {
             let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
-            crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &out.batches)?;
-            m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out, drops: out.drops });
+            let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &out.batches)?;
+            m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out, drops: out.drops, blake3: Some(blake3) });
             // A stage with a table *and* a file outside the store (a train checkpoint).
             if let Some(path) = &s.external {
                 let blake3 = crate::io::file_digest(path)?;
@@ -279,9 +389,16 @@ fn run_stage(
     }
     m.complete = true;
     store.write_manifest(&m)?;
-    let status = if resumed { "resumed" } else { "ran" };
+    let status = if repaired {
+        "repaired"
+    } else if resumed {
+        "resumed"
+    } else {
+        "ran"
+    };
     let mut r = report(&m, status, t0);
     r.backend = s.stage.run_info();
+    r.device = joined(devices);
     Ok((r, m))
 }
 

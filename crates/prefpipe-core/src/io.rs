@@ -77,24 +77,48 @@ pub fn write_atomic(path: &Path, f: impl FnOnce(&mut File) -> Result<()>) -> Res
 
 /// Writes batches as one Parquet file (zstd), atomically.
 pub fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<()> {
-    write_parquet_with(path, schema, batches, writer_props())
+    write_parquet_with(path, schema, batches, writer_props()).map(|_| ())
 }
 
 /// Writes a chunk of the run store: LZ4, which compresses and decompresses
 /// several times faster than zstd; store chunks are read back once or twice.
-pub fn write_store_chunk(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<()> {
+/// Returns the blake3 (hex) of the bytes written, for the chunk's record.
+pub fn write_store_chunk(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String> {
     write_parquet_with(path, schema, batches, props(Compression::LZ4_RAW))
 }
 
-fn write_parquet_with(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], props: WriterProperties) -> Result<()> {
+/// Writes Parquet atomically; returns the blake3 (hex) of the file's bytes,
+/// hashed as they are written.
+fn write_parquet_with(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], props: WriterProperties) -> Result<String> {
+    let mut digest = String::new();
     write_atomic(path, |file| {
-        let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
+        let mut hashed = Hashing { inner: file, hasher: blake3::Hasher::new() };
+        let mut w = ArrowWriter::try_new(&mut hashed, schema.clone(), Some(props))?;
         for b in batches {
             w.write(b)?;
         }
         w.close()?;
+        digest = hashed.hasher.finalize().to_hex().to_string();
         Ok(())
-    })
+    })?;
+    Ok(digest)
+}
+
+/// A writer that hashes what it passes through.
+struct Hashing<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn open(path: &Path) -> Result<File> {
@@ -231,9 +255,13 @@ mod tests {
         write_parquet(&p1, &schema, std::slice::from_ref(&b)).unwrap();
         write_parquet(&p2, &schema, std::slice::from_ref(&b)).unwrap();
         assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
-        assert_eq!(read_parquet(&p1).unwrap(), vec![b]);
+        assert_eq!(read_parquet(&p1).unwrap(), vec![b.clone()]);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 2, "no temp file remains");
+        // A store chunk's digest is the blake3 of the file as written.
+        let p3 = dir.path().join("c.parquet");
+        let d = write_store_chunk(&p3, &schema, std::slice::from_ref(&b)).unwrap();
+        assert_eq!(d, file_digest(&p3).unwrap());
     }
 
     #[test]

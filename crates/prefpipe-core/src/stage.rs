@@ -182,6 +182,9 @@ pub struct RunCx<'a> {
     pub stage_key: &'a str,
     /// Reports progress of long stages (units done, units total).
     pub progress: &'a (dyn Fn(u64, u64) + Sync),
+    /// Records where a model of this stage runs: `cpu`, `cuda:N`, `metal:N`
+    /// or `remote` (run.json's `device`, DESIGN §2).
+    pub device: &'a (dyn Fn(&str) + Sync),
 }
 
 /// What one call of [`Stage::run`] returns.

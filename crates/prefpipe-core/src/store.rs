@@ -13,6 +13,10 @@
 //! A chunk file is written to a temp file and renamed; only then is it
 //! recorded in the manifest (itself written atomically). A crash between the
 //! two leaves a chunk the next run rewrites with the same bytes.
+//!
+//! Each chunk record holds the blake3 of its file; [`Store::verify_chunk`]
+//! checks it, and the executor treats a chunk that is missing, unreadable or
+//! altered (truncated, flipped bytes) as not done and computes it again.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -30,6 +34,10 @@ pub struct ChunkRecord {
     pub rows_out: u64,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub drops: BTreeMap<String, u64>,
+    /// blake3 (hex) of the chunk file's bytes; absent in records written
+    /// before prefpipe recorded it (those chunks are only checked to exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -170,6 +178,26 @@ impl Store {
         }
     }
 
+    /// Checks chunk `rec` of stage `m` against its record: `Err(why)` when
+    /// its file is missing, unreadable, or its blake3 differs (truncated or
+    /// altered bytes). A record without a file (a sink's) is fine.
+    pub fn verify_chunk(&self, m: &Manifest, rec: &ChunkRecord) -> std::result::Result<(), String> {
+        if rec.file.is_empty() {
+            return Ok(());
+        }
+        let path = self.stage_dir(&m.id, &m.key).join(&rec.file);
+        let Some(want) = &rec.blake3 else {
+            return if path.is_file() { Ok(()) } else { Err("is missing".into()) };
+        };
+        let mut h = blake3::Hasher::new();
+        match File::open(&path).and_then(|mut f| std::io::copy(&mut f, &mut h)) {
+            Ok(_) if h.finalize().to_hex().as_str() == want => Ok(()),
+            Ok(_) => Err("does not match its recorded blake3 (truncated or altered)".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("is missing".into()),
+            Err(e) => Err(format!("is unreadable ({e})")),
+        }
+    }
+
     /// The chunk files of a finished stage, in chunk order.
     pub fn chunk_files(&self, m: &Manifest) -> Vec<PathBuf> {
         let dir = self.stage_dir(&m.id, &m.key);
@@ -201,7 +229,13 @@ mod tests {
         let s = Store::open_locked(dir.path()).unwrap();
         let mut m = Manifest { id: "sel".into(), kind: "select".into(), key: "ab".repeat(32), ..Default::default() };
         s.write_manifest(&m).unwrap();
-        let rec = ChunkRecord { file: chunk_file_name(0), rows_in: 5, rows_out: 2, drops: [("tie".to_string(), 1)].into() };
+        let rec = ChunkRecord {
+            file: chunk_file_name(0),
+            rows_in: 5,
+            rows_out: 2,
+            drops: [("tie".to_string(), 1)].into(),
+            blake3: Some(blake3::hash(b"x").to_hex().to_string()),
+        };
         // A recorded chunk counts only once its Parquet file exists.
         s.record_chunk("sel", &m.key, 0, &rec).unwrap();
         assert!(s.manifest("sel", &m.key).unwrap().unwrap().chunks.is_empty());
@@ -213,5 +247,33 @@ mod tests {
         assert_eq!(s.manifest("sel", &m.key).unwrap(), Some(m.clone()));
         assert_eq!(s.manifest("sel", &"cd".repeat(32)).unwrap(), None);
         assert_eq!(m.drops()["tie"], 1);
+    }
+
+    /// A chunk is intact only with its recorded bytes: truncated, flipped,
+    /// deleted or unreadable files are reported; legacy records (no digest)
+    /// need only the file.
+    #[test]
+    fn chunks_are_verified_against_their_blake3() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_locked(dir.path()).unwrap();
+        let m = Manifest { id: "sel".into(), kind: "select".into(), key: "ab".repeat(32), ..Default::default() };
+        s.write_manifest(&m).unwrap();
+        let path = s.stage_dir("sel", &m.key).join(chunk_file_name(0));
+        std::fs::write(&path, b"PAR1 chunk bytes PAR1").unwrap();
+        let rec = ChunkRecord { file: chunk_file_name(0), blake3: Some(blake3::hash(b"PAR1 chunk bytes PAR1").to_hex().to_string()), ..Default::default() };
+        assert_eq!(s.verify_chunk(&m, &rec), Ok(()));
+        std::fs::write(&path, b"PAR1 chunk bytes PAR").unwrap();
+        assert!(s.verify_chunk(&m, &rec).unwrap_err().contains("blake3"));
+        std::fs::write(&path, b"PAR1 chunk bytez PAR1").unwrap();
+        assert!(s.verify_chunk(&m, &rec).unwrap_err().contains("blake3"));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(s.verify_chunk(&m, &rec), Err("is missing".into()));
+        std::fs::create_dir(&path).unwrap();
+        assert!(s.verify_chunk(&m, &rec).unwrap_err().starts_with("is unreadable"));
+        std::fs::remove_dir(&path).unwrap();
+        let legacy = ChunkRecord { blake3: None, ..rec };
+        assert_eq!(s.verify_chunk(&m, &legacy), Err("is missing".into()));
+        std::fs::write(&path, b"anything").unwrap();
+        assert_eq!(s.verify_chunk(&m, &legacy), Ok(()));
     }
 }

@@ -60,8 +60,13 @@ impl ModelRef {
         Ok(id)
     }
 
-    /// The model's backend, made on first use (a local model loads on its first call).
+    /// The model's backend, made on first use (a local model loads on its
+    /// first call); records where it runs for run.json (`cx.device`).
     pub fn backend(&self, cx: &RunCx) -> Arc<dyn Backend> {
+        (cx.device)(&match cx.remote(&self.value) {
+            Some(_) => "remote".to_string(),
+            None => device_label(&device()),
+        });
         self.backend
             .get_or_init(|| match cx.remote(&self.value) {
                 Some(m) => Arc::new(Remote::new(m.clone())),
@@ -149,22 +154,63 @@ impl ModelRef {
         if cx.remote(&self.value).is_some() {
             return Err(Error::Input(format!("model `{}` is a server; this stage needs it in-process", self.value)));
         }
+        (cx.device)(&device_label(&device()));
         self.local(cx).model()
     }
 }
 
-/// The compute device: CUDA when built with `--features cuda` and a GPU is there, else CPU.
+/// The compute device: CUDA when built with `--features cuda` and a GPU is
+/// there, else CPU (chosen once per process).
 pub fn device() -> Device {
-    #[cfg(feature = "cuda")]
-    if let Ok(d) = Device::new_cuda(0) {
-        return d;
-    }
-    Device::Cpu
+    static DEVICE: OnceLock<Device> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            #[cfg(feature = "cuda")]
+            if let Ok(d) = Device::new_cuda(0) {
+                return d;
+            }
+            Device::Cpu
+        })
+        .clone()
 }
 
-/// Maps a model error to the engine's: input problems are exit 2.
+/// run.json's name for a device: `cpu`, `cuda:N`, `metal:N`.
+pub fn device_label(d: &Device) -> String {
+    match d.location() {
+        prefpipe_models::DeviceLocation::Cpu => "cpu".to_string(),
+        prefpipe_models::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        prefpipe_models::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Maps a model error to the engine's, keeping its class (DESIGN §2): bad
+/// input (a model directory, config, prompt or argument that is wrong) exits
+/// 2; a run-time failure (a tensor operation or device that failed, out of
+/// memory, an I/O error, a diverged training run) exits 1.
 pub fn model_err(e: prefpipe_models::Error) -> Error {
-    Error::Input(e.to_string())
+    if e.is_input() {
+        Error::Input(e.to_string())
+    } else {
+        Error::Runtime(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_errors_keep_their_class() {
+        let input = prefpipe_models::Error::SequenceTooLong { index: 3, len: 600, max: 512 };
+        assert_eq!(model_err(input).exit_code(), 2);
+        let full = prefpipe_models::Error::Io { path: "out/model/model.safetensors".into(), source: std::io::ErrorKind::StorageFull.into() };
+        assert_eq!(model_err(full).exit_code(), 1, "a full disk is a run-time failure");
+        let diverged = prefpipe_models::Error::NonFinite { step: 2, what: "the gradient norm".into(), value: "NaN".into() };
+        assert_eq!(model_err(diverged).in_stage("train").exit_code(), 1);
+        let missing = prefpipe_models::Error::MissingFile { path: "m".into(), what: "config.json".into() };
+        assert_eq!(model_err(missing).exit_code(), 2);
+        assert_eq!(device_label(&Device::Cpu), "cpu");
+    }
 }
 
 /// The per-sample seed: blake3(pipeline seed, stage id, prompt_id, sample_idx) → u64,

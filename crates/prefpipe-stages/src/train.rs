@@ -723,6 +723,7 @@ impl Stage for Train {
         let input = inputs[0].read_one()?;
         let mut out = Output { rows_in: input.num_rows() as u64, ..Default::default() };
         let dev = device();
+        (cx.device)(&crate::model_ref::device_label(&dev));
         let policy = Model::load_trainable(&self.model.dir(cx), &dev).map_err(model_err)?;
         let examples = self.examples(&input, &policy, &mut out)?;
         // Reference log-probs once, cached in scratch; the reference leaves memory before training.

@@ -71,6 +71,7 @@ fn run_chunks(config: Value, chunks: &[RecordBatch], scratch: &Path) -> (RecordB
     let remotes = BTreeMap::new();
     let base = repo();
     let progress = |_: u64, _: u64| {};
+    let device = |_: &str| {};
     let cx = |chunk| RunCx {
         stage_id: "score",
         seed: 0,
@@ -83,6 +84,7 @@ fn run_chunks(config: Value, chunks: &[RecordBatch], scratch: &Path) -> (RecordB
         store_root: scratch,
         stage_key: "k",
         progress: &progress,
+        device: &device,
     };
     let table = |files: Vec<PathBuf>| Table { id: "input".into(), schema: chunks[0].schema(), files };
     let outs: Vec<Output> = match stage.mode() {

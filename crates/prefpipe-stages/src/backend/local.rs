@@ -16,7 +16,8 @@ type Ids = (Vec<u32>, Vec<u32>);
 
 pub struct Local {
     dir: PathBuf,
-    model: OnceLock<std::result::Result<Arc<Model>, String>>,
+    /// The loaded model, or the load error (its class — bad input or not — and message).
+    model: OnceLock<std::result::Result<Arc<Model>, (bool, String)>>,
 }
 
 impl Local {
@@ -26,7 +27,10 @@ impl Local {
 
     /// The model, loaded on first use.
     pub fn model(&self) -> Result<Arc<Model>> {
-        self.model.get_or_init(|| Model::load(&self.dir, &device()).map(Arc::new).map_err(|e| e.to_string())).clone().map_err(Error::Input)
+        self.model
+            .get_or_init(|| Model::load(&self.dir, &device()).map(Arc::new).map_err(|e| (e.is_input(), e.to_string())))
+            .clone()
+            .map_err(|(input, msg)| if input { Error::Input(msg) } else { Error::Runtime(msg) })
     }
 
     /// (prompt, response) ids per DESIGN §4/§15, or `None` when they exceed the context.
