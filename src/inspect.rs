@@ -50,6 +50,10 @@ pub fn run(file: &Path) -> anyhow::Result<()> {
         };
         println!("{:<24} {:<28} {:>8}  {}", f.name(), t.to_string(), a.null_count(), stats);
     }
+    // The length-bias line (DESIGN §14): pairs and lists with token counts.
+    if let Some(lb) = prefpipe_select::tokens::length_bias(std::slice::from_ref(&all))? {
+        println!("\nlength bias: {}", lb.line());
+    }
     for (name, vals) in hist {
         println!("\n{name}");
         print!("{}", histogram(&vals, 10, 40));

@@ -14,6 +14,7 @@ use prefpipe_core::{plan, spec, Error};
 mod inspect;
 mod progress;
 mod query;
+mod report;
 mod schemas;
 
 #[derive(Parser)]
@@ -81,6 +82,19 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write one self-contained HTML report of a finished run (DESIGN §14).
+    Report {
+        pipeline: PathBuf,
+        /// The run store.
+        #[arg(long, default_value = ".prefpipe")]
+        store: PathBuf,
+        /// The HTML file to write (default: <store>/report.html).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The `--set` overrides the run used.
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Schema, row count, column statistics and reward histograms of a Parquet file.
     Inspect { file: PathBuf },
     /// Write the JSON Schemas of the pipeline YAML and of every table.
@@ -141,6 +155,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let store = Store::open_locked(&store)?;
             let reporter = progress::Reporter::new(cli.log_format);
             let report = exec::run(&plan, &store, &RunOptions { until, force }, &reporter)?;
+            for card in prefpipe_stages::export::card::write_cards(&plan, &store)? {
+                reporter.card(&card);
+            }
             reporter.finish(&report, &store.root.join("run.json"));
             Ok(())
         }
@@ -169,6 +186,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 registered.push(query::file_table(t)?);
             }
             query::run(&sql, &registered, format, out.as_deref())
+        }
+        Cmd::Report { pipeline, store, out, sets } => {
+            let plan = load_plan(&pipeline, &sets)?;
+            let out = out.unwrap_or_else(|| store.join("report.html"));
+            let path = report::run(&plan, &pipeline, &Store::open_read(&store), &store.display().to_string(), &out)?;
+            println!("wrote {}", path.display());
+            Ok(())
         }
         Cmd::Inspect { file } => inspect::run(&file),
         Cmd::Schema { out } => schemas::write(&out),

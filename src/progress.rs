@@ -35,6 +35,14 @@ impl Reporter {
         let _ = writeln!(std::io::stderr(), "{v}");
     }
 
+    /// A dataset card written beside an export (DESIGN §14).
+    pub fn card(&self, path: &Path) {
+        match self.format {
+            LogFormat::Json => self.json(serde_json::json!({"event": "card_written", "path": path})),
+            LogFormat::Text => self.line(&format!("{:<12} card    → {}", "", path.display())),
+        }
+    }
+
     /// The closing summary (stdout stays free for data).
     pub fn finish(&self, report: &RunReport, run_json: &Path) {
         match self.format {
@@ -76,13 +84,6 @@ impl prefpipe_core::exec::Reporter for Reporter {
                     b.set_position(done);
                 }
             }
-        }
-    }
-
-    fn warning(&self, stage: &str, message: &str) {
-        match self.format {
-            LogFormat::Json => self.json(serde_json::json!({"event": "warning", "stage": stage, "message": message})),
-            LogFormat::Text => self.line(&format!("warning: stage `{stage}`: {message}")),
         }
     }
 

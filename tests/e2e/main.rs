@@ -10,6 +10,7 @@ mod judge;
 mod models;
 mod objectives;
 mod remote;
+mod report;
 mod resume;
 mod score;
 mod servers;

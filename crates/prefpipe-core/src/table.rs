@@ -239,6 +239,9 @@ pub fn pairs_fields() -> Vec<Field> {
         f("chosen_reward", DataType::Float64, false),
         f("rejected_reward", DataType::Float64, false),
         f("margin", DataType::Float64, false),
+        // Token counts of the two responses (the samples' `n_tokens`); null without a tokenizer.
+        f("chosen_tokens", DataType::UInt32, true),
+        f("rejected_tokens", DataType::UInt32, true),
     ]
 }
 
@@ -248,6 +251,9 @@ pub fn lists_fields() -> Vec<Field> {
         f("prompt", DataType::Utf8, false),
         f("responses", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), false),
         f("rewards", DataType::List(Arc::new(Field::new("item", DataType::Float64, true))), false),
+        // Token counts of the best and worst response (the samples' `n_tokens`); null without a tokenizer.
+        f("chosen_tokens", DataType::UInt32, true),
+        f("rejected_tokens", DataType::UInt32, true),
     ]
 }
 

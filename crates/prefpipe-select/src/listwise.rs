@@ -139,6 +139,7 @@ impl Strategy for Listwise {
         let mut rewards = ListBuilder::new(Float64Builder::new());
         let mut idxs = ListBuilder::new(UInt32Builder::new());
         let mut best = Vec::new();
+        let mut worst = Vec::new();
         for p in picks {
             match p {
                 Ok(list) => {
@@ -151,11 +152,13 @@ impl Strategy for Listwise {
                     rewards.append(true);
                     idxs.append(true);
                     best.push(list[0].row as u32);
+                    worst.push(list[list.len() - 1].row as u32);
                 }
                 Err(r) => out.drop(r.as_str(), 1),
             }
         }
         let best = UInt32Array::from(best);
+        let [best_tokens, worst_tokens] = crate::tokens::take_tokens(input, &best, &UInt32Array::from(worst))?;
         let text = |name: &str| -> Result<ArrayRef> {
             let c = input.column_by_name(name).expect("checked at plan time");
             Ok(take(&cast(c, &DataType::Utf8)?, &best, None)?)
@@ -165,6 +168,8 @@ impl Strategy for Listwise {
             text(col::PROMPT)?,
             Arc::new(responses.finish()),
             Arc::new(rewards.finish()),
+            best_tokens,
+            worst_tokens,
             Arc::new(idxs.finish()),
         ];
         for f in schema.fields().iter().skip(cols.len()) {

@@ -25,6 +25,8 @@ use prefpipe_core::table::{self, col, str_col, Conversations, Need};
 use prefpipe_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
+pub mod card;
+
 pub const KIND: StageKind = StageKind {
     name: "export",
     about: "write a table to a file (parquet, trl, trl_chat, lists, jsonl)",
@@ -42,6 +44,20 @@ pub struct ExportConfig {
     /// What to write.
     #[serde(default)]
     pub format: ExportFormat,
+    /// Write a Hugging Face dataset card (`README.md`) in the output's
+    /// directory (DESIGN §14). Refused when that directory holds a
+    /// `README.md` prefpipe did not write; `false` writes none.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub card: bool,
+}
+
+// Left out of the config JSON when on, so that the default keeps every export's content key.
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -144,6 +160,11 @@ impl Stage for Export {
         }
         if path.is_dir() {
             errs.push(ConfigError::at("path", format!("{} is a directory", path.display())));
+        }
+        if self.c.card {
+            if let Err(e) = card::check_dir(path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."))) {
+                errs.push(ConfigError::at("card", e));
+            }
         }
         errs.extend(self.check_input(&inputs[0], &cx.input_ids[0]));
         if errs.is_empty() {

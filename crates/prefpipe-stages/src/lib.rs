@@ -10,6 +10,7 @@ pub mod export;
 pub mod filter;
 pub mod generate;
 pub mod judge;
+pub mod lineage;
 pub mod logprob;
 mod model_ref;
 mod rules;
