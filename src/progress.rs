@@ -87,6 +87,13 @@ impl prefpipe_core::exec::Reporter for Reporter {
         }
     }
 
+    fn warning(&self, stage: &str, message: &str) {
+        match self.format {
+            LogFormat::Json => self.json(serde_json::json!({"event": "warning", "stage": stage, "message": message})),
+            LogFormat::Text => self.line(&format!("warning: stage `{stage}`: {message}")),
+        }
+    }
+
     fn stage_finished(&self, r: &StageReport) {
         if let Some(b) = self.bars.lock().expect("lock").remove(&r.id) {
             b.finish_and_clear();
