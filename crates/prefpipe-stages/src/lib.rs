@@ -8,6 +8,8 @@ pub mod backend;
 mod ches;
 pub mod export;
 pub mod filter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generate;
 pub mod judge;
 pub mod lineage;

@@ -149,7 +149,7 @@ fn choice(v: &Value) -> std::result::Result<&Value, String> {
     v.get("choices").and_then(Value::as_array).and_then(|c| c.first()).ok_or_else(|| "no `choices[0]` in the answer".to_string())
 }
 
-fn sample_of(v: &Value, chat: bool) -> std::result::Result<Sample, String> {
+pub(crate) fn sample_of(v: &Value, chat: bool) -> std::result::Result<Sample, String> {
     let c = choice(v)?;
     let text = if chat { c.get("message").and_then(|m| m.get("content")) } else { c.get("text") };
     let text = text.and_then(Value::as_str).ok_or_else(|| {
@@ -165,7 +165,7 @@ fn sample_of(v: &Value, chat: bool) -> std::result::Result<Sample, String> {
 }
 
 /// The head outputs of a classify answer: vLLM `data[0].probs`.
-fn scores_of(v: &Value) -> std::result::Result<Vec<f32>, String> {
+pub(crate) fn scores_of(v: &Value) -> std::result::Result<Vec<f32>, String> {
     let probs = v
         .get("data")
         .and_then(Value::as_array)
@@ -177,7 +177,7 @@ fn scores_of(v: &Value) -> std::result::Result<Vec<f32>, String> {
 }
 
 /// Per-position log-probs of the ids sent (position 0 has none).
-fn token_logprobs(v: &Value, server: ServerKind, ids: &[u32]) -> std::result::Result<Vec<f64>, String> {
+pub(crate) fn token_logprobs(v: &Value, server: ServerKind, ids: &[u32]) -> std::result::Result<Vec<f64>, String> {
     let want = ids.len();
     let lps: Vec<Option<f64>> = match server {
         ServerKind::Sglang => {

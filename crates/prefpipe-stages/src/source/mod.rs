@@ -141,6 +141,13 @@ impl Stage for Source {
     }
 }
 
+/// [`read_all`] then [`chunk_by_prompt`], for the fuzz targets (`crate::fuzzing`).
+#[doc(hidden)]
+pub fn read_for_fuzz(c: &SourceConfig, path: &std::path::Path) -> Result<Vec<RecordBatch>> {
+    let (batch, _) = read_all(c, path)?;
+    chunk_by_prompt(&batch, 2)
+}
+
 /// Reads every file of `path` into the output table (one batch), with drop counts.
 fn read_all(c: &SourceConfig, path: &std::path::Path) -> Result<(RecordBatch, Output)> {
     let files = Files::find(path, c.format).map_err(|e| Error::Input(e.message))?;

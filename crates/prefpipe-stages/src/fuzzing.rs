@@ -1,0 +1,55 @@
+//! Entry points for the `cargo fuzz` targets in `fuzz/` (not part of the
+//! public API): each takes arbitrary bytes and must return, never panic.
+//! A crash one of them finds becomes a regression test in this file.
+
+use std::path::Path;
+
+use prefpipe_core::remote::ServerKind;
+use serde_json::Value;
+
+/// Pipeline YAML → spec → plan, against an empty directory (no file a path
+/// names exists, so planning stops at located errors).
+pub fn plan_yaml(bytes: &[u8], base: &Path) {
+    if let Ok(spec) = prefpipe_core::spec::parse("fuzz.yaml", bytes, "fuzz".into()) {
+        let _ = prefpipe_core::plan::build(spec, base, crate::KINDS);
+    }
+}
+
+/// The `source` stage's reader on a file of `ext` (`jsonl`, `csv`, `parquet`)
+/// holding `bytes`, written into `dir`.
+pub fn source_bytes(ext: &str, bytes: &[u8], dir: &Path) {
+    let path = dir.join(format!("input.{ext}"));
+    if std::fs::write(&path, bytes).is_err() {
+        return;
+    }
+    let c: crate::source::SourceConfig = serde_json::from_value(serde_json::json!({ "path": path.display().to_string() })).expect("a minimal source config");
+    let _ = crate::source::read_for_fuzz(&c, &path);
+}
+
+/// Every judge-reply parser (DESIGN §12) over `reply`, for 1…8 shown labels.
+pub fn judge_reply(reply: &str) {
+    for n in 1..=8 {
+        if let Ok(r) = crate::judge::parse_ranking(reply, n) {
+            assert_eq!(r.len(), n, "a parsed ranking ranks every shown label");
+            assert!(r.iter().all(|&x| x >= 1 && x as usize <= n), "ranks lie in 1..=n: {r:?}");
+        }
+        let _ = crate::judge::parse_structured(reply, n);
+    }
+    let _ = crate::judge::pairwise::parse_verdict(reply);
+    let _ = crate::judge::pairwise::parse_structured(reply);
+}
+
+/// The remote answer parsers (generate, classify, prompt log-probs of every
+/// server kind) over `bytes` as JSON, with `ids` as the token ids sent.
+pub fn remote_answer(bytes: &[u8], ids: &[u32]) {
+    let Ok(v) = serde_json::from_slice::<Value>(bytes) else { return };
+    use crate::backend::openai::{sample_of, scores_of, token_logprobs};
+    let _ = sample_of(&v, true);
+    let _ = sample_of(&v, false);
+    let _ = scores_of(&v);
+    for s in [ServerKind::Vllm, ServerKind::Sglang, ServerKind::Llamacpp, ServerKind::Openai] {
+        if let Ok(lp) = token_logprobs(&v, s, ids) {
+            assert_eq!(lp.len(), ids.len(), "one log-prob per id sent");
+        }
+    }
+}
