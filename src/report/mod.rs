@@ -91,8 +91,13 @@ fn finished_run(plan: &Plan, pipeline: &Path, store: &Store, dir: &str) -> Resul
     }
     if !missing.is_empty() {
         let (what, verb) = if missing.len() == 1 { ("stage", "has") } else { ("stages", "have") };
+        let failed = match (run["status"].as_str(), run["error"]["stage"].as_str()) {
+            (Some("failed"), Some(at)) => format!(" (the last run failed at stage `{at}`)"),
+            (Some("failed"), None) => " (the last run failed)".to_string(),
+            _ => String::new(),
+        };
         return Err(Error::Input(format!(
-            "the run in the store {dir} has not finished: {what} {} {verb} not run (with these settings): run `prefpipe run {p}` to finish it",
+            "the run in the store {dir} has not finished{failed}: {what} {} {verb} not run (with these settings): run `prefpipe run {p}` to finish it",
             missing.join(", ")
         )));
     }
@@ -269,11 +274,11 @@ fn lengths(id: &str, chosen: Vec<f64>, rejected: Vec<f64>, unit: &str, line: Opt
     h
 }
 
+/// Chosen and rejected lengths, their unit, and the length-bias line when they are tokens.
+type Lengths = (Vec<f64>, Vec<f64>, &'static str, Option<String>);
+
 /// Chosen/rejected lengths of a pairs or lists table: tokens where known.
-fn length_columns(
-    b: &RecordBatch,
-    chars: impl Fn() -> anyhow::Result<(Vec<f64>, Vec<f64>)>,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>, &'static str, Option<String>)> {
+fn length_columns(b: &RecordBatch, chars: impl Fn() -> anyhow::Result<(Vec<f64>, Vec<f64>)>) -> anyhow::Result<Lengths> {
     if has(b, tokens::CHOSEN_TOKENS) && has(b, tokens::REJECTED_TOKENS) {
         if let Some(lb) = tokens::length_bias(std::slice::from_ref(b))? {
             let (c, r) = (u32s(b, tokens::CHOSEN_TOKENS)?, u32s(b, tokens::REJECTED_TOKENS)?);
