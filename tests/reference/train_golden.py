@@ -140,7 +140,8 @@ def dpo_loss(pol, ref, beta):
         losses.append(-torch.nn.functional.logsigmoid(z))
         zv = z.item()
         stats["pairs"] += 1
-        stats["correct"] += 1.0 if zv > 0 else 0.5 if zv == 0 else 0.0
+        # TRL: (chosen_rewards > rejected_rewards).float(), a tie counts 0.
+        stats["correct"] += 1.0 if zv > 0 else 0.0
         stats["margin"] += zv
         stats["chosen"] += pc.item()
         stats["rejected"] += pr.item()
@@ -171,7 +172,7 @@ def lipo_list_loss(s, psi):
                 terms.append(-delta * torch.nn.functional.logsigmoid(s[i] - s[j]))
                 d = sv[i] - sv[j]
                 pairs += 1
-                correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+                correct += 1.0 if d > 0 else 0.0  # a tie counts 0, as TRL's accuracies
     return torch.stack(terms).sum(), pairs, correct
 
 
