@@ -196,7 +196,9 @@ pub fn build(spec: PipelineSpec, base_dir: &Path, registry: &[StageKind]) -> Res
     for &i in &order {
         let s = &spec.stages[i];
         let Some((stage, kind)) = built[i].take() else { continue };
-        if deps[i].iter().any(|&j| planned[j].is_none()) {
+        // An input that names no stage has no dep (its error is reported): skip
+        // the stage rather than plan it with fewer inputs than it declares.
+        if deps[i].len() != s.inputs.len() || deps[i].iter().any(|&j| planned[j].is_none()) {
             continue;
         }
         let input_ids: Vec<String> = s.inputs.iter().map(|(id, _)| id.clone()).collect();

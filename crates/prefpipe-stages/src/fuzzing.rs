@@ -53,3 +53,39 @@ pub fn remote_answer(bytes: &[u8], ids: &[u32]) {
         }
     }
 }
+
+/// Crashes the fuzz targets found (inputs under `tests/fuzz-regressions/`).
+#[cfg(test)]
+mod regressions {
+    use std::path::PathBuf;
+
+    fn input(name: &str) -> Vec<u8> {
+        std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions").join(name)).unwrap()
+    }
+
+    /// plan_yaml: an `export` whose `input: pairs` names no stage (the
+    /// select was renamed `pabrs`) was planned with no inputs and indexed
+    /// `inputs[0]` (export.rs). The plan must report the bad reference only.
+    #[test]
+    fn a_stage_whose_input_names_no_stage_is_not_planned() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = input("plan_yaml-input-names-no-stage.yaml");
+        super::plan_yaml(&bytes, dir.path());
+        let spec = prefpipe_core::spec::parse("p.yaml", &bytes, "p".into()).unwrap();
+        let e = prefpipe_core::plan::build(spec, dir.path(), crate::KINDS).err().expect("a plan error").to_string();
+        assert!(e.contains("`input` names no stage: `pairs`"), "{e}");
+    }
+
+    /// remote_answer: zero token ids sent made `token_logprobs` slice
+    /// `lps[1..0]`. Now an error (a request always sends ≥ 1 id).
+    #[test]
+    fn log_probs_of_no_ids_are_an_error() {
+        let bytes = input("remote_answer-no-ids.bin");
+        assert_eq!(bytes[0] % 16, 0, "the first byte chose zero ids");
+        super::remote_answer(&bytes[1..], &[]);
+        let v: serde_json::Value = serde_json::from_slice(&bytes[1..]).unwrap();
+        for s in [prefpipe_core::remote::ServerKind::Vllm, prefpipe_core::remote::ServerKind::Sglang] {
+            assert!(crate::backend::openai::token_logprobs(&v, s, &[]).is_err());
+        }
+    }
+}

@@ -179,6 +179,9 @@ pub(crate) fn scores_of(v: &Value) -> std::result::Result<Vec<f32>, String> {
 /// Per-position log-probs of the ids sent (position 0 has none).
 pub(crate) fn token_logprobs(v: &Value, server: ServerKind, ids: &[u32]) -> std::result::Result<Vec<f64>, String> {
     let want = ids.len();
+    if want == 0 {
+        return Err("no token ids were sent".into());
+    }
     let lps: Vec<Option<f64>> = match server {
         ServerKind::Sglang => {
             let meta = v.get("meta_info").and_then(|m| m.get("input_token_logprobs")).and_then(Value::as_array).ok_or("no `meta_info.input_token_logprobs`")?;
