@@ -89,9 +89,11 @@ fn http_get(port: u16, path: &str) -> String {
 fn llamacpp_tokens(port: u16) -> (f64, f64) {
     let m = http_get(port, "/metrics");
     let get = |name: &str| {
-        m.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().last()).and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-            panic!("no {name} in llama.cpp /metrics:\n{m}")
-        })
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in llama.cpp /metrics:\n{m}"))
     };
     (get("llamacpp:prompt_tokens_total"), get("llamacpp:tokens_predicted_total"))
 }
@@ -274,7 +276,9 @@ fn kill_9_mid_run_then_rerun_sends_no_answered_request_again() {
     // A new server (another port) for the rerun.
     let log2 = dir.path().join("log2.jsonl");
     let second = Server::start("scripted.py", &["--log", log2.to_str().unwrap()]);
-    let yaml = std::fs::read_to_string(d.path().join("pipeline.yaml")).unwrap().replace(&format!("127.0.0.1:{}", first_port(&d)), &format!("127.0.0.1:{}", second.port));
+    let yaml = std::fs::read_to_string(d.path().join("pipeline.yaml"))
+        .unwrap()
+        .replace(&format!("127.0.0.1:{}", first_port(&d)), &format!("127.0.0.1:{}", second.port));
     std::fs::write(d.path().join("pipeline.yaml"), yaml).unwrap();
     ok(prefpipe(d.path(), &["run", "pipeline.yaml"]));
     let resent = received(&log_lines(&log2));
@@ -320,7 +324,8 @@ fn vllm_classify_and_prompt_logprobs_equal_local() {
     let models = root().join("data-samples/models");
     let rm = models.join("tiny-llama-rm");
     let lm = models.join("tiny-llama");
-    let server = Server::start("vllm_like.py", &["--reward", rm.to_str().unwrap(), "--policy", lm.to_str().unwrap(), "--served-name", "tiny"]);
+    let server =
+        Server::start("vllm_like.py", &["--reward", rm.to_str().unwrap(), "--policy", lm.to_str().unwrap(), "--served-name", "tiny"]);
     let yaml = format!(
         "name: vllm-shapes
 chunk_size: 3
@@ -370,10 +375,9 @@ fn the_remote_example_pipeline_runs_against_servers() {
     let out_dir = tempfile::tempdir().unwrap();
     let yaml = std::fs::read_to_string(root().join("pipelines/remote.yaml")).unwrap();
     // The same file, exported into a temp dir instead of the repository's out/.
-    let yaml = yaml.replace("../data-samples/", &format!("{}/data-samples/", root().display())).replace(
-        "path: ../out/remote-pairs.parquet",
-        &format!("path: {}/remote-pairs.parquet", out_dir.path().display()),
-    );
+    let yaml = yaml
+        .replace("../data-samples/", &format!("{}/data-samples/", root().display()))
+        .replace("path: ../out/remote-pairs.parquet", &format!("path: {}/remote-pairs.parquet", out_dir.path().display()));
     std::fs::write(out_dir.path().join("remote.yaml"), yaml).unwrap();
     let o = Command::new(bin())
         .args(["run", "remote.yaml", "--store", store.path().to_str().unwrap()])
@@ -428,7 +432,12 @@ fn bad_remote_models_are_refused_at_plan_time() {
         "`PREFPIPE_UNSET_KEY` (the API key) is not set",
         7,
     );
-    refused("  policy:\n    backend: openai\n    base_url: URL\n    model: m\n    max_concurency: 4\n", GEN, "unknown field `max_concurency`", 7);
+    refused(
+        "  policy:\n    backend: openai\n    base_url: URL\n    model: m\n    max_concurency: 4\n",
+        GEN,
+        "unknown field `max_concurency`",
+        7,
+    );
     let lp = "  - id: samples\n    kind: logprob\n    input: prompts\n    model: policy\n";
     let llama = "  policy:\n    backend: openai\n    server: llamacpp\n    base_url: URL\n    model: m\n";
     // The stage's `model:` line: 8 blank, 9 stages:, 10-12 the source, 13 the stage's id, 14 kind, 15 input, 16 model.

@@ -116,8 +116,11 @@ fn fresh_mode(dir: &Path) -> u32 {
     m
 }
 
+/// A tensor name and an edit of its values (given its shape).
+type Edit<'a> = (&'a str, &'a dyn Fn(&[usize], &mut [f32]));
+
 /// Rewrites f32 tensors of a safetensors file in place (header untouched).
-fn patch_f32(file: &Path, edits: &[(&str, &dyn Fn(&[usize], &mut [f32]))]) {
+fn patch_f32(file: &Path, edits: &[Edit]) {
     let mut bytes = std::fs::read(file).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
@@ -193,10 +196,14 @@ stages:
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "a run-time failure:\n{err}");
     let last = err.lines().last().unwrap();
-    assert!(last.starts_with("error: stage `train`") && last.contains("step 1") && last.contains("gradient norm is not finite (NaN)"), "{err}");
+    assert!(
+        last.starts_with("error: stage `train`") && last.contains("step 1") && last.contains("gradient norm is not finite (NaN)"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     assert!(!dir.path().join("out").exists(), "no checkpoint, no metrics");
-    let ckpts: Vec<_> = files_under(&dir.path().join(".prefpipe")).into_iter().filter(|f| f.to_string_lossy().contains("checkpoints")).collect();
+    let ckpts: Vec<_> =
+        files_under(&dir.path().join(".prefpipe")).into_iter().filter(|f| f.to_string_lossy().contains("checkpoints")).collect();
     assert!(ckpts.is_empty(), "no resume checkpoint either: {ckpts:?}");
     let run: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(".prefpipe/run.json")).unwrap()).unwrap();
     assert_eq!(run["status"], "failed", "{run}");

@@ -362,7 +362,10 @@ fn run_stage(
             let mut batches = out.batches.into_iter().enumerate().peekable();
             if batches.peek().is_none() {
                 let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
-                m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone(), blake3: Some(blake3) });
+                m.chunks.insert(
+                    0,
+                    ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone(), blake3: Some(blake3) },
+                );
             }
             // Chunk files are independent: write them in parallel.
             use rayon::prelude::*;

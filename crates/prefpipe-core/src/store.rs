@@ -260,7 +260,11 @@ mod tests {
         s.write_manifest(&m).unwrap();
         let path = s.stage_dir("sel", &m.key).join(chunk_file_name(0));
         std::fs::write(&path, b"PAR1 chunk bytes PAR1").unwrap();
-        let rec = ChunkRecord { file: chunk_file_name(0), blake3: Some(blake3::hash(b"PAR1 chunk bytes PAR1").to_hex().to_string()), ..Default::default() };
+        let rec = ChunkRecord {
+            file: chunk_file_name(0),
+            blake3: Some(blake3::hash(b"PAR1 chunk bytes PAR1").to_hex().to_string()),
+            ..Default::default()
+        };
         assert_eq!(s.verify_chunk(&m, &rec), Ok(()));
         std::fs::write(&path, b"PAR1 chunk bytes PAR").unwrap();
         assert!(s.verify_chunk(&m, &rec).unwrap_err().contains("blake3"));

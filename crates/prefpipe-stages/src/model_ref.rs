@@ -30,7 +30,14 @@ pub struct ModelRef {
 
 impl ModelRef {
     pub fn new(field: &'static str, value: &str) -> Self {
-        ModelRef { field, value: value.to_string(), local: OnceLock::new(), backend: OnceLock::new(), slots: OnceLock::new(), checked: OnceLock::new() }
+        ModelRef {
+            field,
+            value: value.to_string(),
+            local: OnceLock::new(),
+            backend: OnceLock::new(),
+            slots: OnceLock::new(),
+            checked: OnceLock::new(),
+        }
     }
 
     /// Checks that the model can serve `need` and returns its digest for the
@@ -195,24 +202,6 @@ pub fn model_err(e: prefpipe_models::Error) -> Error {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_errors_keep_their_class() {
-        let input = prefpipe_models::Error::SequenceTooLong { index: 3, len: 600, max: 512 };
-        assert_eq!(model_err(input).exit_code(), 2);
-        let full = prefpipe_models::Error::Io { path: "out/model/model.safetensors".into(), source: std::io::ErrorKind::StorageFull.into() };
-        assert_eq!(model_err(full).exit_code(), 1, "a full disk is a run-time failure");
-        let diverged = prefpipe_models::Error::NonFinite { step: 2, what: "the gradient norm".into(), value: "NaN".into() };
-        assert_eq!(model_err(diverged).in_stage("train").exit_code(), 1);
-        let missing = prefpipe_models::Error::MissingFile { path: "m".into(), what: "config.json".into() };
-        assert_eq!(model_err(missing).exit_code(), 2);
-        assert_eq!(device_label(&Device::Cpu), "cpu");
-    }
-}
-
 /// The per-sample seed: blake3(pipeline seed, stage id, prompt_id, sample_idx) → u64,
 /// so draws do not depend on batch, chunk or thread count (DESIGN §2).
 pub fn sample_seed(seed: u64, stage: &str, prompt_id: &str, sample_idx: u32) -> u64 {
@@ -225,4 +214,23 @@ pub fn sample_seed(seed: u64, stage: &str, prompt_id: &str, sample_idx: u32) -> 
     h.update(&sample_idx.to_le_bytes());
     let b = h.finalize();
     u64::from_le_bytes(b.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_errors_keep_their_class() {
+        let input = prefpipe_models::Error::SequenceTooLong { index: 3, len: 600, max: 512 };
+        assert_eq!(model_err(input).exit_code(), 2);
+        let full =
+            prefpipe_models::Error::Io { path: "out/model/model.safetensors".into(), source: std::io::ErrorKind::StorageFull.into() };
+        assert_eq!(model_err(full).exit_code(), 1, "a full disk is a run-time failure");
+        let diverged = prefpipe_models::Error::NonFinite { step: 2, what: "the gradient norm".into(), value: "NaN".into() };
+        assert_eq!(model_err(diverged).in_stage("train").exit_code(), 1);
+        let missing = prefpipe_models::Error::MissingFile { path: "m".into(), what: "config.json".into() };
+        assert_eq!(model_err(missing).exit_code(), 2);
+        assert_eq!(device_label(&Device::Cpu), "cpu");
+    }
 }

@@ -49,7 +49,10 @@ fn plan(stage: &dyn Stage, schema: &SchemaRef) -> Result<SchemaRef, Vec<ConfigEr
     let models = BTreeMap::new();
     let base = repo();
     let ids = ["input".to_string()];
-    stage.plan(&PlanCx { base_dir: &base, models: &models, remotes: &Default::default(), input_ids: &ids, produced: &Default::default() }, std::slice::from_ref(schema))
+    stage.plan(
+        &PlanCx { base_dir: &base, models: &models, remotes: &Default::default(), input_ids: &ids, produced: &Default::default() },
+        std::slice::from_ref(schema),
+    )
 }
 
 /// Plans and runs the stage over `chunks` (one Parquet file each), the way

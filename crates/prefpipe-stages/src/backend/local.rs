@@ -81,7 +81,11 @@ impl Backend for Local {
             let ps: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.as_ref().clone()).collect();
             let seeds: Vec<u64> = batch.iter().map(|(j, _)| jobs[*j].seed).collect();
             for ((j, _), g) in batch.iter().zip(model.generate(&ps, &sp, &seeds).map_err(model_err)?) {
-                out[*j] = Some(Row::Ok(Sample { text: g.text, n_tokens: g.n_tokens as u32, finish_reason: g.finish_reason.as_str().to_string() }));
+                out[*j] = Some(Row::Ok(Sample {
+                    text: g.text,
+                    n_tokens: g.n_tokens as u32,
+                    finish_reason: g.finish_reason.as_str().to_string(),
+                }));
             }
             (cx.progress)(((done + 1) * bs).min(todo.len()) as u64, todo.len() as u64);
         }
