@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use prefpipe_core::exec::{self, RunOptions};
+use prefpipe_core::location::StoreLocation;
+use prefpipe_core::shard::Shard;
 use prefpipe_core::store::Store;
 use prefpipe_core::{plan, spec, Error};
 
@@ -38,9 +40,15 @@ enum Cmd {
     /// Run a pipeline; finished stages are reused, interrupted ones resume.
     Run {
         pipeline: PathBuf,
-        /// The run store (content-addressed outputs, manifests, lock).
+        /// The run store (content-addressed outputs, manifests, lock): a
+        /// directory or an s3://, gs://, az://, file:// URL (DESIGN §13).
         #[arg(long, default_value = ".prefpipe")]
-        store: PathBuf,
+        store: String,
+        /// Run shard I of N: chunk k of each per-chunk stage only when
+        /// k mod N = I; stages that need their whole input wait for a run
+        /// without --shard.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
         /// Override a stage setting: STAGE.KEY=VALUE (KEY may be dotted).
         #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
         sets: Vec<String>,
@@ -61,7 +69,7 @@ enum Cmd {
     Plan {
         pipeline: PathBuf,
         #[arg(long, default_value = ".prefpipe")]
-        store: PathBuf,
+        store: String,
         #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
         sets: Vec<String>,
     },
@@ -74,8 +82,9 @@ enum Cmd {
         /// Register a Parquet file: NAME=FILE.
         #[arg(long = "table", value_name = "NAME=FILE")]
         tables: Vec<String>,
+        /// The run store: a directory or an object-store URL.
         #[arg(long, default_value = ".prefpipe")]
-        store: PathBuf,
+        store: String,
         #[arg(long, value_enum, default_value_t = query::OutFormat::Table)]
         format: query::OutFormat,
         /// Write the result here instead of stdout (required for parquet).
@@ -85,10 +94,11 @@ enum Cmd {
     /// Write one self-contained HTML report of a finished run (DESIGN §14).
     Report {
         pipeline: PathBuf,
-        /// The run store.
+        /// The run store: a directory or an object-store URL.
         #[arg(long, default_value = ".prefpipe")]
-        store: PathBuf,
-        /// The HTML file to write (default: <store>/report.html).
+        store: String,
+        /// The HTML file to write (default: <store>/report.html; report.html
+        /// here for an object store).
         #[arg(long)]
         out: Option<PathBuf>,
         /// The `--set` overrides the run used.
@@ -150,15 +160,27 @@ fn load_plan(path: &Path, sets: &[String]) -> anyhow::Result<plan::Plan> {
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Run { pipeline, store, sets, until, force } => {
+        Cmd::Run { pipeline, store, shard, sets, until, force } => {
+            let location = StoreLocation::parse(&store)?;
+            let shard: Option<Shard> = shard.as_deref().map(str::parse).transpose()?;
+            if let (Some(s), Some(f)) = (shard, force.first()) {
+                return Err(
+                    Error::Input(format!("--force {f} with --shard {s}: shards share the store; force in a run without --shard")).into()
+                );
+            }
             let plan = load_plan(&pipeline, &sets)?;
-            let store = Store::open_locked(&store)?;
+            let mut store = Store::open(&location, shard)?;
             let reporter = progress::Reporter::new(cli.log_format);
             let report = exec::run(&plan, &store, &RunOptions { until, force }, &reporter)?;
             for card in prefpipe_stages::export::card::write_cards(&plan, &store)? {
                 reporter.card(&card);
             }
-            reporter.finish(&report, &store.root.join("run.json"));
+            if let Some(s) = shard {
+                let left: Vec<&str> = report.stages.iter().filter(|r| r.status == "deferred").map(|r| r.id.as_str()).collect();
+                reporter.shard_done(&s.to_string(), &left);
+            }
+            reporter.finish(&report, &store.location_of(&store.run_json_path()));
+            store.finish();
             Ok(())
         }
         Cmd::Validate { pipeline, sets } => {
@@ -168,7 +190,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Plan { pipeline, store, sets } => {
             let plan = load_plan(&pipeline, &sets)?;
-            let rows = exec::status(&plan, &Store::open_read(&store))?;
+            let rows = exec::status(&plan, &Store::open_read_at(&StoreLocation::parse(&store)?)?)?;
             let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
             let k = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
             for (id, kind, status) in rows {
@@ -178,19 +200,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Query { sql, pipeline, tables, store, format, out } => {
             let mut registered = Vec::new();
+            let location = StoreLocation::parse(&store)?;
+            let opened = if pipeline.is_empty() { None } else { Some(Store::open_read_at(&location)?) };
             for p in &pipeline {
                 let plan = load_plan(p, &[])?;
-                registered.extend(exec::finished_tables(&plan, &Store::open_read(&store))?);
+                registered.extend(query::finished_tables(&plan, opened.as_ref().expect("opened for --pipeline"))?);
             }
             for t in &tables {
                 registered.push(query::file_table(t)?);
             }
-            query::run(&sql, &registered, format, out.as_deref())
+            let remote = opened.as_ref().and_then(|s| s.remote()).map(|r| (r.url.base.clone(), r.object_store()));
+            query::run(&sql, &registered, remote, format, out.as_deref())
         }
         Cmd::Report { pipeline, store, out, sets } => {
             let plan = load_plan(&pipeline, &sets)?;
-            let out = out.unwrap_or_else(|| store.join("report.html"));
-            let path = report::run(&plan, &pipeline, &Store::open_read(&store), &store.display().to_string(), &out)?;
+            let location = StoreLocation::parse(&store)?;
+            let opened = Store::open_read_at(&location)?;
+            let out = out.unwrap_or_else(|| match &location {
+                StoreLocation::Local(dir) => dir.join("report.html"),
+                _ => PathBuf::from("report.html"),
+            });
+            let path = report::run(&plan, &pipeline, &opened, &store, &out)?;
             println!("wrote {}", path.display());
             Ok(())
         }

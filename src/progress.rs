@@ -43,14 +43,26 @@ impl Reporter {
         }
     }
 
-    /// The closing summary (stdout stays free for data).
-    pub fn finish(&self, report: &RunReport, run_json: &Path) {
+    /// The closing summary (stdout stays free for data); `run_json` is a
+    /// path or, on an object store, a URL.
+    pub fn finish(&self, report: &RunReport, run_json: &str) {
         match self.format {
             LogFormat::Json => self.json(serde_json::json!({
                 "event": "run_finished", "pipeline": report.pipeline, "elapsed_s": report.elapsed_s,
                 "run_json": run_json,
             })),
-            LogFormat::Text => self.line(&format!("done in {:.2}s; manifest {}", report.elapsed_s, run_json.display())),
+            LogFormat::Text => self.line(&format!("done in {:.2}s; manifest {run_json}", report.elapsed_s)),
+        }
+    }
+
+    /// A shard finished its chunks; `left` are the stages a run without `--shard` runs.
+    pub fn shard_done(&self, shard: &str, left: &[&str]) {
+        match self.format {
+            LogFormat::Json => self.json(serde_json::json!({"event": "shard_finished", "shard": shard, "deferred": left})),
+            LogFormat::Text if left.is_empty() => self.line(&format!("shard {shard}: done")),
+            LogFormat::Text => {
+                self.line(&format!("shard {shard}: done; a run without --shard finishes {} once every shard is done", left.join(", ")))
+            }
         }
     }
 }
@@ -91,6 +103,13 @@ impl prefpipe_core::exec::Reporter for Reporter {
         match self.format {
             LogFormat::Json => self.json(serde_json::json!({"event": "warning", "stage": stage, "message": message})),
             LogFormat::Text => self.line(&format!("warning: stage `{stage}`: {message}")),
+        }
+    }
+
+    fn stage_deferred(&self, id: &str, kind: &str, why: &str) {
+        match self.format {
+            LogFormat::Json => self.json(serde_json::json!({"event": "stage_deferred", "stage": id, "kind": kind, "reason": why})),
+            LogFormat::Text => self.line(&format!("{id:<12} {kind:<7} waiting  {why}")),
         }
     }
 

@@ -1,10 +1,14 @@
 //! `prefpipe query`: DataFusion SQL over finished stages or Parquet files.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use clap::ValueEnum;
-use prefpipe_core::stage::Table;
+use prefpipe_core::objstore::ObjectStore;
+use prefpipe_core::plan::Plan;
+use prefpipe_core::stage::{Mode, Table};
+use prefpipe_core::store::Store;
 use prefpipe_core::{io, Error};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -23,8 +27,35 @@ pub fn file_table(arg: &str) -> anyhow::Result<Table> {
     Ok(Table { id: name.to_string(), schema, files: vec![file] })
 }
 
-pub fn run(sql: &str, tables: &[Table], format: OutFormat, out: Option<&Path>) -> anyhow::Result<()> {
-    let (schema, batches) = prefpipe_stages::sql::query(sql, tables)?;
+/// Every finished stage of `plan` in `store`, by stage id. On an object
+/// store the tables' files are the chunks' URLs: DataFusion reads them in
+/// place through the registered store, nothing is downloaded.
+pub fn finished_tables(plan: &Plan, store: &Store) -> anyhow::Result<Vec<Table>> {
+    let Some(remote) = store.remote() else { return Ok(prefpipe_core::exec::finished_tables(plan, store)?) };
+    let mut out = Vec::new();
+    for s in plan.stages.iter().filter(|s| s.mode != Mode::Sink) {
+        if let Some(m) = store.manifest(&s.id, &s.key)?.filter(|m| m.complete) {
+            let dir = store.stage_dir(&m.id, &m.key);
+            let files = m
+                .chunks
+                .values()
+                .map(|c| Ok(PathBuf::from(remote.url_of(&remote.rel_of(&dir.join(&c.file))?))))
+                .collect::<anyhow::Result<_>>()?;
+            out.push(Table { id: s.id.clone(), schema: s.schema.clone(), files });
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `sql`; `remote` is the object store the tables' URLs name, if any.
+pub fn run(
+    sql: &str,
+    tables: &[Table],
+    remote: Option<(String, Arc<dyn ObjectStore>)>,
+    format: OutFormat,
+    out: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (schema, batches) = prefpipe_stages::sql::query_with(sql, tables, remote.as_slice())?;
     let mut buf: Vec<u8> = Vec::new();
     match format {
         OutFormat::Parquet => {

@@ -14,4 +14,5 @@ mod report;
 mod resume;
 mod score;
 mod servers;
+mod shard;
 mod train;

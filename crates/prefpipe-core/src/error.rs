@@ -56,9 +56,9 @@ pub enum Error {
     /// A failure at run time that is not the user's input.
     #[error("{0}")]
     Runtime(String),
-    /// Another run holds the store.
-    #[error("the store {path} is locked by another prefpipe run; wait for it to finish or use --store to pick another directory")]
-    Locked { path: PathBuf },
+    /// Another run holds the store (or this shard of it); `holder` says who.
+    #[error("the store {store} is locked by another prefpipe run: {holder}; wait for it to finish or use --store to pick another store")]
+    Locked { store: String, holder: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -25,6 +25,12 @@ pub trait Reporter: Sync {
         use std::io::Write;
         let _ = writeln!(std::io::stderr(), "warning: stage `{stage}`: {message}");
     }
+    /// A `--shard` run leaves this stage to a run without `--shard` (it needs
+    /// its whole input, or reads a stage that does; DESIGN §13).
+    fn stage_deferred(&self, id: &str, kind: &str, why: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{id} ({kind}): {why}");
+    }
 }
 
 /// A reporter that says nothing (tests, library use).
@@ -35,6 +41,7 @@ impl Reporter for Quiet {
     fn progress(&self, _: &str, _: u64, _: u64) {}
     fn stage_finished(&self, _: &StageReport) {}
     fn warning(&self, _: &str, _: &str) {}
+    fn stage_deferred(&self, _: &str, _: &str, _: &str) {}
 }
 
 #[derive(Debug, Default)]
@@ -53,7 +60,9 @@ pub struct StageReport {
     pub key: String,
     /// `ran`, `resumed` (some chunks were already done), `repaired` (stored
     /// chunks found missing or corrupt were computed again), `cached`, or
-    /// `failed`.
+    /// `failed`; in a `--shard` run also `partial` (this shard's chunks are
+    /// done, other shards' are not) and `deferred` (left for a run without
+    /// `--shard`).
     pub status: String,
     pub chunks: usize,
     pub rows_in: u64,
@@ -135,11 +144,12 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Reporte
         stages: reports,
     };
     let bytes = serde_json::to_vec_pretty(&report).expect("report serializes");
-    let path = store.root.join("run.json");
+    let path = store.run_json_path();
     let written = crate::io::write_atomic(&path, |f| {
         use std::io::Write;
         f.write_all(&bytes).map_err(|e| Error::io(&path, e))
-    });
+    })
+    .and_then(|_| store.publish(std::slice::from_ref(&path)));
     // The run's own error comes first; then a manifest that could not be written.
     result?;
     written?;
@@ -165,13 +175,26 @@ fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Repo
         }
     }
     let mut manifests: Vec<Option<Manifest>> = vec![None; plan.stages.len()];
+    // Stages a shard run leaves to a run without --shard (DESIGN §13).
+    let mut deferred = vec![false; plan.stages.len()];
     for (i, s) in plan.stages.iter().enumerate() {
         if !selected[i] {
+            continue;
+        }
+        if let Some(&j) = s.inputs.iter().find(|&&j| deferred[j]) {
+            let why = format!("reads `{}`, which waits for a run without --shard", plan.stages[j].id);
+            reporter.stage_deferred(&s.id, &s.kind, &why);
+            reports.push(deferred_report(s, Manifest::default()));
+            deferred[i] = true;
             continue;
         }
         let t0 = Instant::now();
         let devices = Mutex::new(BTreeSet::new());
         match run_stage(plan, store, i, &manifests, reporter, &devices) {
+            Ok(r) if r.0.status == "deferred" => {
+                reports.push(r.0);
+                deferred[i] = true;
+            }
             Ok(r) => {
                 reporter.stage_finished(&r.0);
                 reports.push(r.0);
@@ -200,6 +223,25 @@ fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Repo
         }
     }
     Ok(())
+}
+
+/// The `run.json` line of a stage a shard run leaves for later.
+fn deferred_report(s: &crate::plan::PlannedStage, m: Manifest) -> StageReport {
+    StageReport {
+        id: s.id.clone(),
+        kind: s.kind.clone(),
+        key: s.key.clone(),
+        status: "deferred".to_string(),
+        chunks: m.chunks.len(),
+        rows_in: m.rows_in(),
+        rows_out: m.rows_out(),
+        drops: m.drops(),
+        elapsed_s: 0.0,
+        output: None,
+        backend: None,
+        dropped_columns: s.dropped_columns.clone(),
+        device: None,
+    }
 }
 
 /// A stage's devices, `+`-joined; `None` when its models ran nowhere.
@@ -232,7 +274,9 @@ fn run_stage(
     let s = &plan.stages[i];
     let t0 = Instant::now();
     let dir = store.stage_dir(&s.id, &s.key);
-    let mut m = store.manifest(&s.id, &s.key)?.unwrap_or_else(|| Manifest {
+    let stored = store.manifest(&s.id, &s.key)?;
+    let existed = stored.is_some();
+    let mut m = stored.unwrap_or_else(|| Manifest {
         id: s.id.clone(),
         kind: s.kind.clone(),
         key: s.key.clone(),
@@ -289,6 +333,12 @@ fn run_stage(
         reporter.stage_started(&s.id, &s.kind, "cached", 0);
         return Ok((report(&m, "cached", t0), m));
     }
+    // A shard runs per-chunk stages only (and sources, which every shard reads).
+    let shard = store.shard();
+    if shard.is_some() && !per_chunk && s.mode != Mode::Source {
+        reporter.stage_deferred(&s.id, &s.kind, "needs every chunk of its input; a run without --shard runs it once all shards are done");
+        return Ok((deferred_report(s, m.clone()), m));
+    }
     std::fs::create_dir_all(dir.join("scratch")).map_err(|e| Error::io(&dir, e))?;
     let scratch = dir.join("scratch");
     let id = s.id.as_str();
@@ -314,19 +364,24 @@ fn run_stage(
     let resumed = per_chunk && !m.chunks.is_empty();
     if per_chunk {
         let (input, input_m) = &inputs[0];
-        let n = input.files.len();
+        // In a shard run the input may hold only this shard's chunks so far.
+        let n = input_m.n_chunks.unwrap_or(input_m.chunks.len());
         m.n_chunks = Some(n);
         // Chunks recorded under an older layout are dropped.
         m.chunks.retain(|k, _| *k < n);
-        store.write_manifest(&m)?;
+        // Shards never overwrite each other's manifest: it is written once, then completed.
+        if shard.is_none() || !existed {
+            store.write_manifest(&m)?;
+        }
         reporter.stage_started(&s.id, &s.kind, if resumed { "resumed" } else { "running" }, n as u64);
-        let pending: Vec<usize> = (0..n).filter(|c| !(m.chunks.contains_key(c) && dir.join(chunk_file_name(*c)).exists())).collect();
+        // Recorded chunks were verified above; a shard takes chunk c only when c mod N = I.
+        let pending: Vec<usize> = (0..n).filter(|c| !m.chunks.contains_key(c) && shard.is_none_or(|sh| sh.owns(*c))).collect();
         let done = std::sync::atomic::AtomicU64::new(m.chunks.len() as u64);
         // One chunk: run, write its Parquet file, then record it.
         let process = |c: usize| -> Result<(usize, ChunkRecord)> {
-            let t = Table { id: input.id.clone(), schema: input.schema.clone(), files: vec![input.files[c].clone()] };
+            let t = Table { id: input.id.clone(), schema: input.schema.clone(), files: vec![store.chunk_file(input_m, c)?] };
             let out = s.stage.run(&cx(c), &[t])?;
-            let rows_in = if out.rows_in > 0 { out.rows_in } else { input_m.chunks.values().nth(c).map_or(0, |r| r.rows_out) };
+            let rows_in = if out.rows_in > 0 { out.rows_in } else { input_m.chunks.get(&c).map_or(0, |r| r.rows_out) };
             let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
             check_schema(&s.schema, &out.batches)?;
             let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, &out.batches)?;
@@ -346,10 +401,24 @@ fn run_stage(
             pending.into_iter().map(process).collect::<Result<_>>()?
         };
         m.chunks.extend(records);
+        if shard.is_some() && m.chunks.len() < n {
+            // Other shards may have finished theirs meanwhile; the last one completes the stage.
+            if let Some(now) = store.manifest(&s.id, &s.key)? {
+                for (c, rec) in now.chunks {
+                    m.chunks.entry(c).or_insert(rec);
+                }
+            }
+            if m.chunks.len() < n {
+                let mut r = report(&m, "partial", t0);
+                r.backend = s.stage.run_info();
+                r.device = joined(devices);
+                return Ok((r, m));
+            }
+        }
     } else {
         reporter.stage_started(&s.id, &s.kind, "running", 1);
         m.chunks.clear();
-        let tables: Vec<Table> = inputs.iter().map(|(t, _)| t.clone()).collect();
+        let tables: Vec<Table> = inputs.iter().map(|(t, im)| Ok(Table { files: store.fetch(im)?, ..t.clone() })).collect::<Result<_>>()?;
         let out = s.stage.run(&cx(0), &tables)?;
         let rows_in = if out.rows_in > 0 { out.rows_in } else { inputs.iter().map(|(_, m)| m.rows_out()).sum() };
         check_schema(&s.schema, &out.batches)?;
@@ -380,9 +449,27 @@ fn run_stage(
                 .collect::<Result<_>>()?;
             m.chunks.extend(records);
         } else {
-            let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
-            let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &out.batches)?;
-            m.chunks.insert(0, ChunkRecord { file: chunk_file_name(0), rows_in, rows_out, drops: out.drops, blake3: Some(blake3) });
+            // Cut into chunks of `chunk_size` prompts again, so the stages after
+            // a barrier keep resume granularity and shardability (DESIGN §13).
+            let parts = crate::rechunk::rechunk(&s.schema, &out.batches, plan.spec.chunk_size)?;
+            if parts.is_empty() {
+                let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
+                m.chunks.insert(
+                    0,
+                    ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone(), blake3: Some(blake3) },
+                );
+            }
+            use rayon::prelude::*;
+            let records: Vec<(usize, ChunkRecord)> = parts
+                .into_par_iter()
+                .enumerate()
+                .map(|(c, b)| {
+                    let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
+                    let (rows_in, drops) = if c == 0 { (rows_in, out.drops.clone()) } else { (0, Default::default()) };
+                    Ok((c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops, blake3: Some(blake3) }))
+                })
+                .collect::<Result<_>>()?;
+            m.chunks.extend(records);
             // A stage with a table *and* a file outside the store (a train checkpoint).
             if let Some(path) = &s.external {
                 let blake3 = crate::io::file_digest(path)?;
@@ -480,7 +567,7 @@ pub fn finished_tables(plan: &Plan, store: &Store) -> Result<Vec<Table>> {
         }
         if let Some(m) = store.manifest(&s.id, &s.key)? {
             if m.complete {
-                out.push(Table { id: s.id.clone(), schema: s.schema.clone(), files: store.chunk_files(&m) });
+                out.push(Table { id: s.id.clone(), schema: s.schema.clone(), files: store.fetch(&m)? });
             }
         }
     }

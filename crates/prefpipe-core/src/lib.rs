@@ -8,8 +8,13 @@
 pub mod error;
 pub mod exec;
 pub mod io;
+pub mod lease;
+pub mod location;
+pub mod objstore;
 pub mod plan;
+pub mod rechunk;
 pub mod remote;
+pub mod shard;
 pub mod spec;
 pub mod stage;
 pub mod store;

@@ -3,8 +3,11 @@
 //! Layout:
 //!
 //! ```text
-//! <store>/LOCK                                one writer at a time
+//! <store>/LOCK                                one writer at a time (shards share it)
+//! <store>/locks/shard-I-of-N                  one writer per shard (DESIGN §13)
 //! <store>/run.json                            the last run's manifest
+//! <store>/run-shard-I-of-N.json               the last run of that shard
+//! <store>/requests/<stage_id>/                the request cache (DESIGN §11)
 //! <store>/stages/<id>-<key16>/manifest.json   chunks finished so far
 //! <store>/stages/<id>-<key16>/chunk-000000.parquet
 //! <store>/stages/<id>-<key16>/scratch/        stage-private caches/checkpoints
@@ -17,15 +20,26 @@
 //! Each chunk record holds the blake3 of its file; [`Store::verify_chunk`]
 //! checks it, and the executor treats a chunk that is missing, unreadable or
 //! altered (truncated, flipped bytes) as not done and computes it again.
+//!
+//! The store may also live on an object store ([`crate::objstore`]): the same
+//! layout under the URL's prefix, with `leases/` instead of `LOCK`/`locks/`.
+//! `root` is then this run's local mirror; files are written there, uploaded
+//! before they are recorded, and input chunks are downloaded on demand. Chunk
+//! records name the stage key, so a changed pipeline never takes another
+//! key's chunks for its own.
 
-use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use fs4::fs_std::FileExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::lease::Guard;
+use crate::location::StoreLocation;
+use crate::objstore::Remote;
+use crate::shard::Shard;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ChunkRecord {
@@ -80,30 +94,122 @@ impl Manifest {
     }
 }
 
+/// A chunk record as stored: the record and the stage key it belongs to.
+#[derive(Serialize)]
+struct MarkerOut<'a> {
+    key: &'a str,
+    #[serde(flatten)]
+    rec: &'a ChunkRecord,
+}
+
+#[derive(Deserialize)]
+struct MarkerIn {
+    /// Absent in records written before markers named their key.
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(flatten)]
+    rec: ChunkRecord,
+}
+
 pub struct Store {
+    /// The store's directory; for an object store, this run's local mirror.
     pub root: PathBuf,
-    _lock: Option<File>,
+    remote: Option<Arc<Remote>>,
+    shard: Option<Shard>,
+    guard: Option<Guard>,
+    /// Delete the mirror when dropped (read-only opens; a finished run).
+    tidy: bool,
 }
 
 impl Store {
-    /// Opens the store for writing and takes its lock; a second run on the
-    /// same store gets [`Error::Locked`].
+    /// Opens a local store for writing and takes its lock; a second run on
+    /// the same store gets [`Error::Locked`].
     pub fn open_locked(root: &Path) -> Result<Store> {
-        std::fs::create_dir_all(root.join("stages")).map_err(|e| Error::io(root, e))?;
-        let lock_path = root.join("LOCK");
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
-        match FileExt::try_lock_exclusive(&f) {
-            Ok(true) => {}
-            Ok(false) => return Err(Error::Locked { path: root.to_path_buf() }),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Error::Locked { path: root.to_path_buf() }),
-            Err(e) => return Err(Error::io(&lock_path, e)),
-        }
-        Ok(Store { root: root.to_path_buf(), _lock: Some(f) })
+        Store::open(&StoreLocation::Local(root.to_path_buf()), None)
     }
 
-    /// Opens the store to read only (plan, query); takes no lock.
+    /// Opens a store for writing — a directory or an object store — as a
+    /// whole or as one shard, taking its lock or lease ([`crate::lease`]).
+    pub fn open(loc: &StoreLocation, shard: Option<Shard>) -> Result<Store> {
+        match loc {
+            StoreLocation::Local(root) => {
+                std::fs::create_dir_all(root.join("stages")).map_err(|e| Error::io(root, e))?;
+                let guard = crate::lease::lock_local(root, shard)?;
+                Ok(Store { root: root.clone(), remote: None, shard, guard: Some(guard), tidy: false })
+            }
+            StoreLocation::Object(u) => {
+                let tag = shard.map_or_else(|| "all".to_string(), |s| s.tag());
+                let remote = Remote::connect(u.clone(), crate::objstore::mirror_dir(u, &tag))?;
+                let guard = crate::lease::lease(&remote, shard)?;
+                Ok(Store { root: remote.local.clone(), remote: Some(remote), shard, guard: Some(guard), tidy: false })
+            }
+        }
+    }
+
+    /// Opens a local store to read only (plan, query); takes no lock.
     pub fn open_read(root: &Path) -> Store {
-        Store { root: root.to_path_buf(), _lock: None }
+        Store { root: root.to_path_buf(), remote: None, shard: None, guard: None, tidy: false }
+    }
+
+    /// Opens a store to read only (plan, query, report), local or on an
+    /// object store; takes no lock.
+    pub fn open_read_at(loc: &StoreLocation) -> Result<Store> {
+        match loc {
+            StoreLocation::Local(root) => Ok(Store::open_read(root)),
+            StoreLocation::Object(u) => {
+                let remote = Remote::connect(u.clone(), crate::objstore::mirror_dir(u, &format!("read-{}", std::process::id())))?;
+                // The last run's manifest, for readers that open it as a file (report).
+                remote.download("run.json", &remote.local.join("run.json"))?;
+                Ok(Store { root: remote.local.clone(), remote: Some(remote), shard: None, guard: None, tidy: true })
+            }
+        }
+    }
+
+    /// A run finished cleanly: the lease goes now, and an object store's
+    /// local mirror when the store is dropped.
+    pub fn finish(&mut self) {
+        self.guard = None;
+        self.tidy = true;
+    }
+
+    /// The shard this run writes, if it is one.
+    pub fn shard(&self) -> Option<Shard> {
+        self.shard
+    }
+
+    /// The object store behind the mirror, if the store is on one.
+    pub fn remote(&self) -> Option<&Arc<Remote>> {
+        self.remote.as_ref()
+    }
+
+    /// Where a file of the store is, for messages: its path, or its URL.
+    pub fn location_of(&self, path: &Path) -> String {
+        match &self.remote {
+            Some(r) => r.rel_of(path).map(|rel| r.url_of(&rel)).unwrap_or_else(|_| path.display().to_string()),
+            None => path.display().to_string(),
+        }
+    }
+
+    /// This run's `run.json` (`run-shard-I-of-N.json` for a shard, so shards
+    /// never overwrite each other's).
+    pub fn run_json_path(&self) -> PathBuf {
+        self.root.join(self.shard.map_or_else(|| "run.json".to_string(), |s| format!("run-{}.json", s.tag())))
+    }
+
+    /// Uploads files written into the mirror (nothing to do on a local store).
+    pub fn publish(&self, files: &[PathBuf]) -> Result<()> {
+        match &self.remote {
+            Some(r) => {
+                self.check_lease()?;
+                r.upload(files)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Fails once this run's lease was lost: it must stop writing.
+    pub fn check_lease(&self) -> Result<()> {
+        self.guard.as_ref().map_or(Ok(()), Guard::check)
     }
 
     pub fn stage_dir(&self, id: &str, key: &str) -> PathBuf {
@@ -116,6 +222,9 @@ impl Store {
     pub fn manifest(&self, id: &str, key: &str) -> Result<Option<Manifest>> {
         let dir = self.stage_dir(id, key);
         let p = dir.join("manifest.json");
+        if let Some(r) = &self.remote {
+            return self.remote_manifest(r, &dir, key);
+        }
         let mut m: Manifest = match std::fs::read(&p) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Runtime(format!("{}: corrupt manifest: {e}", p.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -128,10 +237,9 @@ impl Store {
             let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
             for entry in rd.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let Some(n) = name.strip_prefix("chunk-").and_then(|r| r.strip_suffix(".json")) else { continue };
-                let Ok(c) = n.parse::<usize>() else { continue };
+                let Some(c) = record_index(&name) else { continue };
                 let bytes = std::fs::read(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
-                if let Ok(rec) = serde_json::from_slice::<ChunkRecord>(&bytes) {
+                if let Some(rec) = parse_record(&bytes, key) {
                     if dir.join(&rec.file).exists() {
                         m.chunks.insert(c, rec);
                     }
@@ -141,10 +249,51 @@ impl Store {
         Ok(Some(m))
     }
 
+    /// [`Store::manifest`] on an object store: one listing of the stage's
+    /// objects (which also tells [`Store::verify_chunk`] what exists), then
+    /// `manifest.json` and the chunk records.
+    fn remote_manifest(&self, r: &Remote, dir: &Path, key: &str) -> Result<Option<Manifest>> {
+        let rel_dir = r.rel_of(dir)?;
+        let listed = r.list(&rel_dir)?;
+        if !listed.iter().any(|(n, _)| n == "manifest.json") {
+            return Ok(None);
+        }
+        let p = dir.join("manifest.json");
+        let Some(bytes) = r.get(&format!("{rel_dir}/manifest.json"))? else { return Ok(None) };
+        let mut m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| Error::Runtime(format!("{}: corrupt manifest: {e}", self.location_of(&p))))?;
+        if m.key != key {
+            return Ok(None);
+        }
+        if !m.complete {
+            let names: HashSet<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+            let recs: Vec<(usize, String)> =
+                listed.iter().filter_map(|(n, _)| Some((record_index(n)?, format!("{rel_dir}/{n}")))).collect();
+            let rels: Vec<String> = recs.iter().map(|(_, r)| r.clone()).collect();
+            for ((c, _), bytes) in recs.iter().zip(r.get_many(&rels)?) {
+                if let Some(rec) = bytes.as_deref().and_then(|b| parse_record(b, key)) {
+                    if names.contains(rec.file.as_str()) || rec.file.is_empty() {
+                        m.chunks.insert(*c, rec);
+                    }
+                }
+            }
+        }
+        Ok(Some(m))
+    }
+
     /// Records one finished chunk (after its Parquet file is in place).
     pub fn record_chunk(&self, id: &str, key: &str, c: usize, rec: &ChunkRecord) -> Result<()> {
-        let path = self.stage_dir(id, key).join(format!("chunk-{c:06}.json"));
-        let bytes = serde_json::to_vec(rec).expect("record serializes");
+        let dir = self.stage_dir(id, key);
+        let path = dir.join(format!("chunk-{c:06}.json"));
+        let bytes = serde_json::to_vec(&MarkerOut { key, rec }).expect("record serializes");
+        if let Some(r) = &self.remote {
+            self.check_lease()?;
+            // The chunk's file first: a record never names a missing object.
+            if !rec.file.is_empty() {
+                r.upload(&[dir.join(&rec.file)])?;
+            }
+            return r.put(&r.rel_of(&path)?, bytes);
+        }
         crate::io::write_atomic(&path, |f| {
             use std::io::Write;
             f.write_all(&bytes).map_err(|e| Error::io(&path, e))
@@ -156,6 +305,30 @@ impl Store {
         let dir = self.stage_dir(&m.id, &m.key);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let bytes = serde_json::to_vec_pretty(m).expect("manifest serializes");
+        if let Some(r) = &self.remote {
+            self.check_lease()?;
+            // Chunk files this run wrote and has not uploaded yet go first.
+            let mut files = Vec::new();
+            for c in m.chunks.values().filter(|c| !c.file.is_empty()) {
+                let f = dir.join(&c.file);
+                if !r.known(&r.rel_of(&f)?) {
+                    files.push(f);
+                }
+            }
+            r.upload(&files)?;
+            r.put(&r.rel_of(&dir.join("manifest.json"))?, bytes)?;
+            if m.complete {
+                let mut recs = Vec::new();
+                for c in m.chunks.keys() {
+                    let rel = r.rel_of(&dir.join(format!("chunk-{c:06}.json")))?;
+                    if r.known(&rel) {
+                        recs.push(rel);
+                    }
+                }
+                r.each(&recs, |rel| r.delete(rel))?;
+            }
+            return Ok(());
+        }
         crate::io::write_atomic(&dir.join("manifest.json"), |f| {
             use std::io::Write;
             f.write_all(&bytes).map_err(|e| Error::io(dir.join("manifest.json"), e))
@@ -171,6 +344,9 @@ impl Store {
     /// Forgets a stage's outputs (for --force).
     pub fn clear(&self, id: &str, key: &str) -> Result<()> {
         let dir = self.stage_dir(id, key);
+        if let Some(r) = &self.remote {
+            r.delete_dir(&r.rel_of(&dir)?)?;
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -186,6 +362,13 @@ impl Store {
             return Ok(());
         }
         let path = self.stage_dir(&m.id, &m.key).join(&rec.file);
+        if let Some(r) = &self.remote {
+            // Listed by `manifest`; the bytes are checked when downloaded ([`Store::fetch`]).
+            return match r.rel_of(&path) {
+                Ok(rel) if r.known(&rel) => Ok(()),
+                _ => Err("is missing".into()),
+            };
+        }
         let Some(want) = &rec.blake3 else {
             return if path.is_file() { Ok(()) } else { Err("is missing".into()) };
         };
@@ -198,11 +381,84 @@ impl Store {
         }
     }
 
-    /// The chunk files of a finished stage, in chunk order.
+    /// The chunk files of a finished stage, in chunk order. On an object
+    /// store opened for writing, their places in the mirror ([`Store::fetch`]
+    /// brings them); opened to read (report), they are brought here first.
     pub fn chunk_files(&self, m: &Manifest) -> Vec<PathBuf> {
+        if self.remote.is_some() && self.guard.is_none() {
+            if let Ok(files) = self.fetch(m) {
+                return files;
+            }
+        }
+        self.paths(m)
+    }
+
+    fn paths(&self, m: &Manifest) -> Vec<PathBuf> {
         let dir = self.stage_dir(&m.id, &m.key);
         m.chunks.values().map(|c| dir.join(&c.file)).collect()
     }
+
+    /// Chunk `c` of stage `m`, on local disk (downloaded from an object store
+    /// when needed).
+    pub fn chunk_file(&self, m: &Manifest, c: usize) -> Result<PathBuf> {
+        let rec = m.chunks.get(&c).ok_or_else(|| Error::Runtime(format!("internal error: stage `{}` has no chunk {c} recorded", m.id)))?;
+        self.fetch_record(m, rec)
+    }
+
+    /// Every chunk file of stage `m`, on local disk, in chunk order.
+    pub fn fetch(&self, m: &Manifest) -> Result<Vec<PathBuf>> {
+        let Some(r) = &self.remote else { return Ok(self.paths(m)) };
+        let recs: Vec<&ChunkRecord> = m.chunks.values().filter(|c| !c.file.is_empty()).collect();
+        r.each(&recs, |rec| self.fetch_record(m, rec).map(|_| ()))?;
+        Ok(self.paths(m))
+    }
+
+    fn fetch_record(&self, m: &Manifest, rec: &ChunkRecord) -> Result<PathBuf> {
+        let path = self.stage_dir(&m.id, &m.key).join(&rec.file);
+        let Some(r) = &self.remote else { return Ok(path) };
+        let intact = |p: &Path| match &rec.blake3 {
+            Some(want) => crate::io::file_digest(p).ok().as_deref() == Some(want.as_str()),
+            None => p.is_file(),
+        };
+        if path.is_file() && intact(&path) {
+            return Ok(path);
+        }
+        let rel = r.rel_of(&path)?;
+        if !r.download(&rel, &path)? {
+            return Err(Error::Runtime(format!("stage `{}`: {} is missing from the store; run again to compute it", m.id, r.url_of(&rel))));
+        }
+        if !intact(&path) {
+            let _ = std::fs::remove_file(&path);
+            return Err(Error::Runtime(format!(
+                "stage `{}`: {} does not match its recorded blake3 (altered in the store); run again with --force {}",
+                m.id,
+                r.url_of(&rel),
+                m.id
+            )));
+        }
+        Ok(path)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The lease first (it is deleted), then the mirror of a finished run.
+        self.guard = None;
+        if self.tidy && self.remote.is_some() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// `chunk-000012.json` → 12.
+fn record_index(name: &str) -> Option<usize> {
+    name.strip_prefix("chunk-")?.strip_suffix(".json")?.parse().ok()
+}
+
+/// A chunk record, unless it is unreadable or names another stage key.
+fn parse_record(bytes: &[u8], key: &str) -> Option<ChunkRecord> {
+    let m: MarkerIn = serde_json::from_slice(bytes).ok()?;
+    m.key.is_none_or(|k| k == key).then_some(m.rec)
 }
 
 pub fn chunk_file_name(i: usize) -> String {

@@ -13,12 +13,21 @@
 //! Opening the cache indexes every log and Parquet file of the stage, so a
 //! later run with another `chunk_size` or stage key still finds its answers;
 //! bodies are read back lazily (the last two Parquet files stay in memory).
+//!
+//! On an object store (DESIGN §13) the directory is in the run's local
+//! mirror: opening downloads the stage's logs and Parquet files that are
+//! missing (or shorter) here, a log is uploaded at most every
+//! [`PUSH_EVERY`] while records arrive (and when its writer closes), and a
+//! fold uploads the Parquet file and deletes the log object. A shard killed
+//! on one machine and rerun on another replays all but the last second's
+//! answers; rerun on the same machine, all of them.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use arrow::array::{Array, FixedSizeBinaryArray, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -27,9 +36,13 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use prefpipe_core::objstore::Remote;
 use serde_json::Value;
 
 use crate::{Error, Identity};
+
+/// How often a growing log is uploaded to an object store.
+pub const PUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// A request's cache key.
 pub type Key = [u8; 32];
@@ -161,6 +174,8 @@ pub struct Cache {
     dir: PathBuf,
     index: Mutex<Index>,
     loaded: Mutex<VecDeque<(usize, Arc<Loaded>)>>,
+    /// The object store behind the directory, when the run store is on one.
+    remote: Option<Arc<Remote>>,
 }
 
 /// An open log: appends are serialised by its mutex.
@@ -169,6 +184,45 @@ pub struct LogWriter {
     file_id: usize,
     file: File,
     offset: u64,
+    remote: Option<Arc<Remote>>,
+    /// When the log was last uploaded, and whether records arrived since.
+    pushed: Option<Instant>,
+    dirty: bool,
+}
+
+impl LogWriter {
+    fn push(&mut self) -> Result<(), Error> {
+        if let Some(r) = &self.remote {
+            r.upload(std::slice::from_ref(&self.path)).map_err(|e| io_err(&self.path, "cannot upload", e))?;
+            self.pushed = Some(Instant::now());
+            self.dirty = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        // Best effort: what is not uploaded stays in this machine's mirror.
+        if self.dirty {
+            let _ = self.push();
+        }
+    }
+}
+
+/// Downloads the objects under `dir` that are missing here or shorter here.
+fn pull(r: &Remote, dir: &Path) -> Result<(), Error> {
+    let rel = r.rel_of(dir).map_err(|e| io_err(dir, "cannot mirror", e))?;
+    for (name, size) in r.list(&rel).map_err(|e| io_err(dir, "cannot list", e))? {
+        if name.contains('/') || name.starts_with('.') {
+            continue;
+        }
+        let local = dir.join(&name);
+        if std::fs::metadata(&local).map_or(true, |m| m.len() < size) {
+            r.download(&format!("{rel}/{name}"), &local).map_err(|e| io_err(&local, "cannot download", e))?;
+        }
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -184,6 +238,10 @@ impl Cache {
     /// truncating torn log tails.
     pub fn open(dir: &Path) -> Result<Cache, Error> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, "cannot create", e))?;
+        let remote = prefpipe_core::objstore::mirror_of(dir).map(|(r, _)| r);
+        if let Some(r) = &remote {
+            pull(r, dir)?;
+        }
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| io_err(dir, "cannot list", e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -192,19 +250,30 @@ impl Cache {
         names.sort();
         let mut index = Index::default();
         // Parquet first, then logs: a log not yet folded adds to its Parquet file.
+        // Shards of one stage share the directory: a file another shard folds
+        // (deletes) after the listing is skipped, and only a log's own writer
+        // truncates its torn tail ([`Cache::open_log`]).
         for p in names.iter().filter(|p| p.extension().is_some_and(|e| e == "parquet")) {
+            let keys = match read_keys(p) {
+                Err(_) if !p.exists() => continue,
+                r => r?,
+            };
             let id = index.file_id(p);
-            for (row, key) in read_keys(p)?.into_iter().enumerate() {
+            for (row, key) in keys.into_iter().enumerate() {
                 index.keys.insert(key, Loc::Row { file: id, row });
             }
         }
         for p in names.iter().filter(|p| p.extension().is_some_and(|e| e == "log")) {
+            let records = match scan_log(p, false) {
+                Err(_) if !p.exists() => continue,
+                r => r?,
+            };
             let id = index.file_id(p);
-            for (key, offset, len) in scan_log(p, true)? {
+            for (key, offset, len) in records {
                 index.keys.insert(key, Loc::Log { file: id, offset, len });
             }
         }
-        Ok(Cache { dir: dir.to_path_buf(), index: Mutex::new(index), loaded: Mutex::new(VecDeque::new()) })
+        Ok(Cache { dir: dir.to_path_buf(), index: Mutex::new(index), loaded: Mutex::new(VecDeque::new()), remote })
     }
 
     pub fn dir(&self) -> &Path {
@@ -277,13 +346,17 @@ impl Cache {
         Ok(loaded)
     }
 
-    /// Opens `<name>.log` for appending (after any records already in it).
+    /// Opens `<name>.log` for appending (after any records already in it;
+    /// a torn tail left by a killed writer is truncated first).
     pub fn open_log(&self, name: &str) -> Result<LogWriter, Error> {
         let path = self.dir.join(format!("{name}.log"));
+        if path.exists() {
+            scan_log(&path, true)?;
+        }
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, "cannot open", e))?;
         let offset = file.metadata().map_err(|e| io_err(&path, "cannot stat", e))?.len();
         let file_id = lock(&self.index).file_id(&path);
-        Ok(LogWriter { path, file_id, file, offset })
+        Ok(LogWriter { path, file_id, file, offset, remote: self.remote.clone(), pushed: None, dirty: false })
     }
 
     /// Appends one record (one `write_all`, then flush) and indexes it.
@@ -298,6 +371,10 @@ impl Cache {
         let offset = log.offset;
         log.offset += rec.len() as u64;
         lock(&self.index).keys.insert(*key, Loc::Log { file: log.file_id, offset, len });
+        log.dirty = true;
+        if log.pushed.is_none_or(|t| t.elapsed() >= PUSH_EVERY) {
+            log.push()?;
+        }
         Ok(())
     }
 
@@ -341,8 +418,16 @@ impl Cache {
                 idx.keys.insert(*k, Loc::Row { file: id, row });
             }
             lock(&self.loaded).retain(|(f, _)| *f != id);
+            if let Some(r) = &self.remote {
+                r.upload(std::slice::from_ref(&pq)).map_err(|e| io_err(&pq, "cannot upload", e))?;
+            }
         }
-        std::fs::remove_file(&log).map_err(|e| io_err(&log, "cannot delete", e))
+        std::fs::remove_file(&log).map_err(|e| io_err(&log, "cannot delete", e))?;
+        if let Some(r) = &self.remote {
+            let rel = r.rel_of(&log).map_err(|e| io_err(&log, "cannot mirror", e))?;
+            r.delete(&rel).map_err(|e| io_err(&log, "cannot delete", e))?;
+        }
+        Ok(())
     }
 }
 
@@ -507,9 +592,18 @@ mod tests {
         drop(f);
         let c = Cache::open(dir.path()).unwrap();
         assert_eq!(c.len(), 2);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
+        // Opening to read leaves the file alone (its writer may be another shard, still writing)…
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good + 24);
         assert_eq!(c.get(&[2; 32]).unwrap().unwrap(), b"{\"b\":2}");
         assert_eq!(c.get(&[3; 32]).unwrap(), None);
+        // …reopening it to append truncates the torn tail first.
+        let mut log = c.open_log("k-000000-t").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
+        c.append(&mut log, &[3; 32], b"{\"c\":3}").unwrap();
+        drop(log);
+        let c = Cache::open(dir.path()).unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.get(&[3; 32]).unwrap().unwrap(), b"{\"c\":3}");
     }
 
     #[test]

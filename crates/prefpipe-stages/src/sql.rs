@@ -59,6 +59,11 @@ pub fn register(ctx: &SessionContext, t: &Table) -> Result<()> {
             .files
             .iter()
             .map(|f| {
+                // An object-store URL (`prefpipe query --store s3://…`) is read in place.
+                let s = f.to_string_lossy();
+                if s.split_once("://").is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric())) {
+                    return ListingTableUrl::parse(s).map_err(df_err);
+                }
                 let abs = std::path::absolute(f).map_err(|e| Error::io(f, e))?;
                 ListingTableUrl::parse(abs.to_string_lossy()).map_err(df_err)
             })
@@ -132,7 +137,21 @@ impl Stage for Sql {
 
 /// Runs SQL over finished tables (for `prefpipe query`).
 pub fn query(sql: &str, tables: &[Table]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    query_with(sql, tables, &[])
+}
+
+/// [`query`] with object stores registered (`scheme://bucket` → store), so
+/// tables whose files are URLs are read straight from the store (DESIGN §13).
+pub fn query_with(
+    sql: &str,
+    tables: &[Table],
+    stores: &[(String, Arc<dyn prefpipe_core::objstore::ObjectStore>)],
+) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     let ctx = SessionContext::new();
+    for (base, store) in stores {
+        let url = datafusion::execution::object_store::ObjectStoreUrl::parse(base).map_err(df_err)?;
+        ctx.register_object_store(url.as_ref(), store.clone());
+    }
     for t in tables {
         register(&ctx, t)?;
     }
