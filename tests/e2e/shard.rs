@@ -235,6 +235,12 @@ impl Env {
     fn command(&self, dir: &Path, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
         c.args(args).arg("--store").arg(&self.store).current_dir(dir);
+        self.environment(&mut c);
+        c
+    }
+
+    /// What every command of the test gets: the store's credentials and no others.
+    fn environment(&self, c: &mut Command) {
         for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_PROFILE"] {
             c.env_remove(k);
         }
@@ -242,7 +248,6 @@ impl Env {
             c.envs(m.env());
         }
         c.env("POLICY_URL", &self.policy_url).env("PREFPIPE_STAGING_DIR", self.staging.path()).envs(self.extra.iter().cloned());
-        c
     }
 
     fn run(&self, dir: &Path, args: &[&str]) -> Output {
@@ -592,4 +597,121 @@ fn bad_shards_urls_buckets_and_credentials_exit_2() {
     check(&env, &["run", "pipeline.yaml", "--shard", "0/2"], "--store s3://no-such-bucket/x: the bucket `no-such-bucket` does not exist");
     check(&env, &["plan", "pipeline.yaml"], "the bucket `no-such-bucket` does not exist");
     assert!(!dir.join("store").exists() && !PathBuf::from(dir).join(".prefpipe").exists(), "nothing was written");
+}
+
+/// A directory for PATH with `prefpipe` (the binary under test) and a stub
+/// `sbatch` that runs each job at once: array tasks concurrently, each with
+/// its SLURM_ARRAY_TASK_ID; it logs every job's `--dependency` and fails
+/// like sbatch when a task fails.
+fn fake_cluster_bin(dir: &Path) -> PathBuf {
+    let b = dir.join("bin");
+    std::fs::create_dir_all(&b).unwrap();
+    std::os::unix::fs::symlink(bin(), b.join("prefpipe")).unwrap();
+    let sbatch = r#"#!/usr/bin/env bash
+set -u
+array=""; dep=""; wrap=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --array=*) array=${1#--array=} ;;
+    --dependency=*) dep=${1#--dependency=} ;;
+    --wrap) wrap=$2; shift ;;
+  esac
+  shift
+done
+n=$(( $(cat "$SBATCH_DIR/counter" 2>/dev/null || echo 100) + 1 )); echo "$n" > "$SBATCH_DIR/counter"
+echo "job $n dependency=$dep array=$array" >> "$SBATCH_DIR/jobs"
+if [ -n "$array" ]; then
+  pids=()
+  for i in $(seq "${array%-*}" "${array#*-}"); do
+    SLURM_ARRAY_TASK_ID=$i bash -c "$wrap" >> "$SBATCH_DIR/out" 2>&1 & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || { echo "sbatch stub: a task failed" >&2; exit 1; }; done
+else
+  bash -c "$wrap" >> "$SBATCH_DIR/out" 2>&1 || { echo "sbatch stub: the job failed" >&2; exit 1; }
+fi
+echo "$n;cluster"
+"#;
+    std::fs::write(b.join("sbatch"), sbatch).unwrap();
+    std::fs::set_permissions(b.join("sbatch"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    b
+}
+
+fn path_with(b: &Path) -> String {
+    format!("{}:{}", b.display(), std::env::var("PATH").unwrap_or_default())
+}
+
+/// deploy/slurm-array.sh submits N shards then the final step
+/// (`--dependency=afterok`), the store on S3: the unsharded bytes.
+#[test]
+fn slurm_array_script_runs_shards_then_the_final_step_on_s3() {
+    let server = Server::start("scripted.py", &[]);
+    let expected = reference(&server);
+    let d = setup();
+    let dir = d.path();
+    let env = Env::new(Kind::S3, dir, "runs/slurm", &server);
+    let b = fake_cluster_bin(dir);
+    let mut c = Command::new("bash");
+    c.arg(crate::common::root().join("deploy/slurm-array.sh")).args(["pipeline.yaml", "3"]).current_dir(dir);
+    env.environment(&mut c);
+    let o = c.env("STORE", &env.store).env("PATH", path_with(&b)).env("SBATCH_DIR", dir).output().unwrap();
+    let out = std::fs::read_to_string(dir.join("out")).unwrap_or_default();
+    assert!(o.status.success(), "{}\n{}\njob output:\n{out}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("shards: job 101 (array 0-2); final step: job 102"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let jobs = std::fs::read_to_string(dir.join("jobs")).unwrap();
+    assert_eq!(jobs, "job 101 dependency= array=0-2\njob 102 dependency=afterok:101 array=\n");
+    assert!(!out.contains(SECRET), "the secret leaked into a job's log");
+    assert_eq!(std::fs::read(dir.join("pairs.parquet")).unwrap(), expected);
+    for i in 0..3 {
+        assert_eq!(status_of(&env.run_json(dir, &format!("run-shard-{i}-of-3.json")), "pairs"), "deferred");
+    }
+    assert_eq!(status_of(&env.run_json(dir, "run.json"), "pairs"), "ran");
+}
+
+/// deploy/k8s-indexed-job.yaml: each shard pod's command (with the index the
+/// Job controller sets), then the final pod's, exactly as the manifest says.
+#[test]
+fn k8s_indexed_job_commands_run_shards_then_the_final_step_on_s3() {
+    let server = Server::start("scripted.py", &[]);
+    let expected = reference(&server);
+    let d = setup();
+    let dir = d.path();
+    let env = Env::new(Kind::S3, dir, "runs/k8s", &server);
+    let b = fake_cluster_bin(dir);
+    // The manifest, read with PyYAML from the test venv: (completions, SHARDS, shard args, final args, init command).
+    let script = "import json, sys, yaml\n\
+        docs = {d['metadata']['name']: d for d in yaml.safe_load_all(open(sys.argv[1]))}\n\
+        s, f = docs['prefpipe-shards']['spec'], docs['prefpipe-final']['spec']\n\
+        c = s['template']['spec']['containers'][0]\n\
+        env = {e['name']: e['value'] for e in c['env']}\n\
+        print(json.dumps([s['completions'], s['completionMode'], env['SHARDS'], c['args'][0], f['template']['spec']['containers'][0]['args'][0], f['template']['spec']['initContainers'][0]['command']]))";
+    let o =
+        Command::new(venv_python()).args(["-c", script]).arg(crate::common::root().join("deploy/k8s-indexed-job.yaml")).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let n = m[0].as_u64().unwrap();
+    assert_eq!(m[1], "Indexed");
+    assert_eq!(m[2].as_str().unwrap(), n.to_string(), "SHARDS = completions");
+    assert!(m[5].to_string().contains("condition=complete") && m[5].to_string().contains("job/prefpipe-shards"), "{}", m[5]);
+    let pipeline = dir.join("pipeline.yaml").display().to_string();
+    let pod = |args: &str, index: Option<u64>| {
+        let mut c = Command::new("/bin/sh");
+        c.args(["-c", &args.replace("/work/pipeline.yaml", &pipeline)]).current_dir(dir).stdout(Stdio::null()).stderr(Stdio::piped());
+        env.environment(&mut c);
+        c.env("PATH", path_with(&b)).env("STORE", &env.store).env("SHARDS", n.to_string());
+        if let Some(i) = index {
+            c.env("JOB_COMPLETION_INDEX", i.to_string());
+        }
+        c.spawn().unwrap()
+    };
+    let shards: Vec<Child> = (0..n).map(|i| pod(m[3].as_str().unwrap(), Some(i))).collect();
+    for (i, c) in shards.into_iter().enumerate() {
+        wait_ok(c, &format!("shard pod {i}"));
+    }
+    wait_ok(pod(m[4].as_str().unwrap(), None), "final pod");
+    assert_eq!(std::fs::read(dir.join("pairs.parquet")).unwrap(), expected);
+    assert_eq!(status_of(&env.run_json(dir, &format!("run-shard-{}-of-{n}.json", n - 1)), "export"), "deferred");
 }

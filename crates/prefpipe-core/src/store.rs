@@ -140,7 +140,15 @@ impl Store {
             StoreLocation::Object(u) => {
                 let tag = shard.map_or_else(|| "all".to_string(), |s| s.tag());
                 let remote = Remote::connect(u.clone(), crate::objstore::mirror_dir(u, &tag))?;
-                let guard = crate::lease::lease(&remote, shard)?;
+                let guard = match crate::lease::lease(&remote, shard) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        // A mirror made just now for nothing goes again (one with a failed run's scratch stays).
+                        let _ = std::fs::remove_dir(&remote.local);
+                        let _ = remote.local.parent().map(std::fs::remove_dir);
+                        return Err(e);
+                    }
+                };
                 Ok(Store { root: remote.local.clone(), remote: Some(remote), shard, guard: Some(guard), tidy: false })
             }
         }
@@ -446,6 +454,8 @@ impl Drop for Store {
         self.guard = None;
         if self.tidy && self.remote.is_some() {
             let _ = std::fs::remove_dir_all(&self.root);
+            // The URL's directory, once no other run's mirror is in it.
+            let _ = self.root.parent().map(std::fs::remove_dir);
         }
     }
 }
