@@ -125,9 +125,21 @@ fn open(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| Error::Input(format!("{}: cannot open: {e}", path.display())))
 }
 
+/// Runs a Parquet decode of untrusted bytes: the parquet/arrow-ipc crates
+/// panic on some malformed footers (an embedded Arrow schema without
+/// fields, found by `fuzz/` source_parquet), which becomes a bad-input error.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(Error::Input(format!("{}: not a readable Parquet file: malformed metadata", path.display()))))
+}
+
 /// Reads a whole Parquet file; row groups are decoded in parallel and
 /// returned in file order.
 pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
+    guarded(path, || read_parquet_unguarded(path))
+}
+
+fn read_parquet_unguarded(path: &Path) -> Result<Vec<RecordBatch>> {
     use rayon::prelude::*;
     let unreadable = |e: parquet::errors::ParquetError| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display()));
     let n = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(unreadable)?.metadata().num_row_groups();
@@ -149,9 +161,11 @@ pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
 
 /// The schema of a Parquet file (reads the footer only).
 pub fn parquet_schema(path: &Path) -> Result<SchemaRef> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
-        .map_err(|e| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display())))?;
-    Ok(builder.schema().clone())
+    guarded(path, || {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
+            .map_err(|e| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display())))?;
+        Ok(builder.schema().clone())
+    })
 }
 
 /// Infers the schema of a JSONL or CSV file, or reads a Parquet footer.

@@ -45,7 +45,14 @@ pub fn prompt_ids(tok: &TextTokenizer, prompt: Prompt, chat_template: bool) -> R
 /// rendered prompt P and the rendered conversation + assistant turn F, k = their
 /// common prefix length; (F[..k], F[k..]) — no EOS appended, the template's
 /// end-of-turn tokens end the response.
-pub fn pair_ids(tok: &TextTokenizer, eos: Option<u32>, prompt: Prompt, response: &str, chat_template: bool, dir: &Path) -> Result<(Vec<u32>, Vec<u32>)> {
+pub fn pair_ids(
+    tok: &TextTokenizer,
+    eos: Option<u32>,
+    prompt: Prompt,
+    response: &str,
+    chat_template: bool,
+    dir: &Path,
+) -> Result<(Vec<u32>, Vec<u32>)> {
     match (prompt, chat_template) {
         (Prompt::Text(t), false) => Ok((tok.encode(t, true)?, response_ids(tok, eos, response, dir)?)),
         (p, _) => {
@@ -73,7 +80,14 @@ pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 /// A reward model's input (DESIGN §4): with the chat template, its own
 /// template over the whole conversation; else prompt ids ⊕ response ids ⊕ EOS.
-pub fn reward_ids(tok: &TextTokenizer, eos: Option<u32>, prompt: Prompt, response: &str, chat_template: bool, dir: &Path) -> Result<Vec<u32>> {
+pub fn reward_ids(
+    tok: &TextTokenizer,
+    eos: Option<u32>,
+    prompt: Prompt,
+    response: &str,
+    chat_template: bool,
+    dir: &Path,
+) -> Result<Vec<u32>> {
     if chat_template {
         return full_ids(tok, prompt, response);
     }

@@ -74,6 +74,11 @@ pub fn col_strings(b: &RecordBatch, name: &str) -> Vec<String> {
     (0..b.num_rows()).map(|i| f.value(i).to_string()).collect()
 }
 
+/// Drop count for a reason, 0 when absent.
+pub fn drops(out: &Output, reason: &str) -> u64 {
+    out.drops.get(reason).copied().unwrap_or(0)
+}
+
 /// `b` with its `response` column replaced by `texts` (one per row), for
 /// duplicate-text cases.
 pub fn with_responses(b: &RecordBatch, texts: &[&str]) -> RecordBatch {
@@ -90,9 +95,4 @@ pub fn with_text_column(b: &RecordBatch, name: &str, values: &[&str]) -> RecordB
     let mut cols = b.columns().to_vec();
     cols.push(Arc::new(StringArray::from(values.to_vec())));
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
-}
-
-/// Drop count for a reason, 0 when absent.
-pub fn drops(out: &Output, reason: &str) -> u64 {
-    out.drops.get(reason).copied().unwrap_or(0)
 }

@@ -545,12 +545,6 @@ mod tests {
     }
 
     #[test]
-    fn prompt_ids_are_blake3_prefixes() {
-        // blake3("hello") = ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f (BLAKE3 reference test vector).
-        assert_eq!(prompt_id("hello"), "ea8f163db3868292");
-    }
-
-    #[test]
     fn repeated_samples_are_refused_unless_dedup() {
         let dir = tempfile::tempdir().unwrap();
         let row = |id: &str, s: u32, r: &str| {
@@ -569,6 +563,12 @@ mod tests {
         // A table without `sample_idx` (prompts, or pairs) may repeat a prompt.
         std::fs::write(dir.path().join("p.jsonl"), "{\"prompt\": \"q\"}\n{\"prompt\": \"q\"}\n").unwrap();
         assert_eq!(read(dir.path(), serde_json::json!({"path": "p.jsonl"})).unwrap().num_rows(), 2);
+    }
+
+    #[test]
+    fn prompt_ids_are_blake3_prefixes() {
+        // blake3("hello") = ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f (BLAKE3 reference test vector).
+        assert_eq!(prompt_id("hello"), "ea8f163db3868292");
     }
 
     #[test]
