@@ -92,14 +92,17 @@ mod regressions {
     /// source_parquet: a footer whose embedded Arrow schema has no fields
     /// panicked inside arrow-ipc (`fb.fields().unwrap()`); now a bad-input error.
     #[test]
+    /// (and a field of Arrow type NONE: "not implemented: Type NONE not supported").
     fn a_parquet_footer_that_panics_arrow_is_bad_input() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("input.parquet");
-        std::fs::write(&path, input("source_parquet-schema-without-fields.parquet")).unwrap();
-        let c: crate::source::SourceConfig = serde_json::from_value(serde_json::json!({ "path": path.display().to_string() })).unwrap();
-        match crate::source::read_for_fuzz(&c, &path) {
-            Err(prefpipe_core::Error::Input(m)) => assert!(m.contains("not a readable Parquet file"), "{m}"),
-            other => panic!("want an input error, got {other:?}"),
+        for name in ["source_parquet-schema-without-fields.parquet", "source_parquet-type-none.parquet"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("input.parquet");
+            std::fs::write(&path, input(name)).unwrap();
+            let c: crate::source::SourceConfig = serde_json::from_value(serde_json::json!({ "path": path.display().to_string() })).unwrap();
+            match crate::source::read_for_fuzz(&c, &path) {
+                Err(prefpipe_core::Error::Input(m)) => assert!(m.contains("not a readable Parquet file"), "{name}: {m}"),
+                other => panic!("{name}: want an input error, got {other:?}"),
+            }
         }
     }
 }
