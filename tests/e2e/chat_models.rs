@@ -45,7 +45,8 @@ fn run_family(family: &str) {
             rows.push_str(&format!("{row}\n"));
             want.push(&ex[side]);
         }
-        let pair = json!({"prompt_id": format!("e{i}"), "messages": messages, "chosen": ex["chosen"]["text"], "rejected": ex["rejected"]["text"]});
+        let pair =
+            json!({"prompt_id": format!("e{i}"), "messages": messages, "chosen": ex["chosen"]["text"], "rejected": ex["rejected"]["text"]});
         pairs.push_str(&format!("{pair}\n"));
     }
     std::fs::write(dir.path().join("rows.jsonl"), rows).unwrap();

@@ -116,12 +116,16 @@ impl RemoteSpec {
     pub fn validate(&self) -> Vec<ConfigError> {
         let mut errs = Vec::new();
         if self.backend != "openai" {
-            errs.push(ConfigError::at("backend", format!("unknown backend `{}`; the remote backend is `openai` (any OpenAI-compatible server)", self.backend)));
+            errs.push(ConfigError::at(
+                "backend",
+                format!("unknown backend `{}`; the remote backend is `openai` (any OpenAI-compatible server)", self.backend),
+            ));
         }
         if self.model.trim().is_empty() {
             errs.push(ConfigError::new("a remote model needs `model:`, the name the server serves (e.g. `Qwen/Qwen2.5-7B-Instruct`)"));
         }
-        let sources = usize::from(self.base_url.is_some()) + usize::from(!self.base_urls.is_empty()) + usize::from(self.base_url_env.is_some());
+        let sources =
+            usize::from(self.base_url.is_some()) + usize::from(!self.base_urls.is_empty()) + usize::from(self.base_url_env.is_some());
         if sources == 0 {
             errs.push(ConfigError::new("a remote model needs `base_url`, `base_urls` or `base_url_env`"));
         } else if sources > 1 {

@@ -48,7 +48,7 @@ fn check_family(family: &str) {
         // transformers: apply_chat_template(messages, add_generation_prompt=True), no special tokens.
         let prompt_ids = policy.prompt_ids(prompt, true).unwrap();
         assert_eq!(prompt_ids, ids(&ex["prompt_ids"]), "{name}: prompt ids");
-        let mut side = |s: &str| {
+        let side = |s: &str| {
             let want = &ex[s];
             let text = want["text"].as_str().unwrap();
             // TRL: the full conversation's ids from the common prefix with the prompt's; no EOS appended.

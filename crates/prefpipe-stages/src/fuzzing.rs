@@ -22,7 +22,8 @@ pub fn source_bytes(ext: &str, bytes: &[u8], dir: &Path) {
     if std::fs::write(&path, bytes).is_err() {
         return;
     }
-    let c: crate::source::SourceConfig = serde_json::from_value(serde_json::json!({ "path": path.display().to_string() })).expect("a minimal source config");
+    let c: crate::source::SourceConfig =
+        serde_json::from_value(serde_json::json!({ "path": path.display().to_string() })).expect("a minimal source config");
     let _ = crate::source::read_for_fuzz(&c, &path);
 }
 

@@ -24,5 +24,15 @@ mod strategy_stage;
 pub mod train;
 
 /// Every stage kind, in the order `prefpipe` documents them.
-pub const KINDS: &[StageKind] =
-    &[source::KIND, generate::KIND, score::KIND, judge::KIND, logprob::KIND, select::KIND, filter::KIND, train::KIND, sql::KIND, export::KIND];
+pub const KINDS: &[StageKind] = &[
+    source::KIND,
+    generate::KIND,
+    score::KIND,
+    judge::KIND,
+    logprob::KIND,
+    select::KIND,
+    filter::KIND,
+    train::KIND,
+    sql::KIND,
+    export::KIND,
+];

@@ -8,14 +8,14 @@
 //! counts (`prompt_too_long`, `too_long`, `request_failed`, …); a failure of
 //! the whole call is an `Err` (exit 1 at run time, 2 for bad input).
 
+use arrow::array::Array;
 use arrow::array::StringArray;
 use arrow::record_batch::RecordBatch;
 use prefpipe_core::stage::{ConfigError, RunCx};
 use prefpipe_core::table::{self, col, str_col};
 use prefpipe_core::Result;
-use arrow::array::Array;
-pub use prefpipe_models::Prompt;
 use prefpipe_models::ChatMessage;
+pub use prefpipe_models::Prompt;
 
 pub mod local;
 pub mod openai;
@@ -151,7 +151,9 @@ pub fn check_chat(schema: &arrow::datatypes::Schema, input: &str, chat_template:
     (table::has_messages(schema) && !chat_template).then(|| {
         ConfigError::at(
             field,
-            format!("input `{input}` holds conversations (`messages`); a model reads them through its chat template: set `chat_template: true`"),
+            format!(
+                "input `{input}` holds conversations (`messages`); a model reads them through its chat template: set `chat_template: true`"
+            ),
         )
     })
 }
@@ -180,7 +182,6 @@ pub trait Backend: Send + Sync {
     fn run_info(&self) -> Option<serde_json::Value> {
         None
     }
-
 }
 
 /// The per-request route of a prompt: every sample of one prompt goes to one

@@ -52,10 +52,9 @@ pub fn refuses(m: &RemoteModel, need: Uses) -> Option<String> {
             m.name,
             server.as_str()
         )),
-        Uses::Logprob if m.tokenizer.is_none() => Some(format!(
-            "model `{}`: remote log-probs need `tokenizer:` (a local Hugging Face directory) to send exact token ids",
-            m.name
-        )),
+        Uses::Logprob if m.tokenizer.is_none() => {
+            Some(format!("model `{}`: remote log-probs need `tokenizer:` (a local Hugging Face directory) to send exact token ids", m.name))
+        }
         _ => None,
     }
 }
@@ -97,7 +96,13 @@ impl Remote {
             .map_err(Error::Input)
     }
 
-    fn send(&self, cx: &RunCx, tag: &str, reqs: Vec<Request>, validate: &(dyn Fn(&Value) -> std::result::Result<(), String> + Sync)) -> Result<Vec<Outcome>> {
+    fn send(
+        &self,
+        cx: &RunCx,
+        tag: &str,
+        reqs: Vec<Request>,
+        validate: &(dyn Fn(&Value) -> std::result::Result<(), String> + Sync),
+    ) -> Result<Vec<Outcome>> {
         let session = self.session(cx)?;
         session.send(cx.chunk, tag, reqs, validate, cx.progress).map_err(runtime)
     }
@@ -152,9 +157,9 @@ fn choice(v: &Value) -> std::result::Result<&Value, String> {
 pub(crate) fn sample_of(v: &Value, chat: bool) -> std::result::Result<Sample, String> {
     let c = choice(v)?;
     let text = if chat { c.get("message").and_then(|m| m.get("content")) } else { c.get("text") };
-    let text = text.and_then(Value::as_str).ok_or_else(|| {
-        if chat { "no string `choices[0].message.content`" } else { "no string `choices[0].text`" }.to_string()
-    })?;
+    let text = text
+        .and_then(Value::as_str)
+        .ok_or_else(|| if chat { "no string `choices[0].message.content`" } else { "no string `choices[0].text`" }.to_string())?;
     let finish = c.get("finish_reason").and_then(Value::as_str).ok_or("no `choices[0].finish_reason`")?;
     let n_tokens = v.get("usage").and_then(|u| u.get("completion_tokens")).and_then(Value::as_u64).ok_or("no `usage.completion_tokens`")?;
     Ok(Sample {
@@ -184,19 +189,24 @@ pub(crate) fn token_logprobs(v: &Value, server: ServerKind, ids: &[u32]) -> std:
     }
     let lps: Vec<Option<f64>> = match server {
         ServerKind::Sglang => {
-            let meta = v.get("meta_info").and_then(|m| m.get("input_token_logprobs")).and_then(Value::as_array).ok_or("no `meta_info.input_token_logprobs`")?;
+            let meta = v
+                .get("meta_info")
+                .and_then(|m| m.get("input_token_logprobs"))
+                .and_then(Value::as_array)
+                .ok_or("no `meta_info.input_token_logprobs`")?;
             meta.iter().map(|e| e.as_array().and_then(|a| a.first()).and_then(Value::as_f64)).collect()
         }
         _ => {
             let c = choice(v)?;
             if let Some(pl) = c.get("prompt_logprobs").and_then(Value::as_array) {
                 // [null, {"<token id>": {"logprob", "rank", "decoded_token"}}, …]: the sent token is always present.
-                pl.iter()
-                    .zip(ids)
-                    .map(|(e, id)| e.get(id.to_string()).and_then(|t| t.get("logprob")).and_then(Value::as_f64))
-                    .collect()
+                pl.iter().zip(ids).map(|(e, id)| e.get(id.to_string()).and_then(|t| t.get("logprob")).and_then(Value::as_f64)).collect()
             } else {
-                let tl = c.get("logprobs").and_then(|l| l.get("token_logprobs")).and_then(Value::as_array).ok_or("no `prompt_logprobs` or `logprobs.token_logprobs`")?;
+                let tl = c
+                    .get("logprobs")
+                    .and_then(|l| l.get("token_logprobs"))
+                    .and_then(Value::as_array)
+                    .ok_or("no `prompt_logprobs` or `logprobs.token_logprobs`")?;
                 tl.iter().map(Value::as_f64).collect()
             }
         }
@@ -204,10 +214,15 @@ pub(crate) fn token_logprobs(v: &Value, server: ServerKind, ids: &[u32]) -> std:
     if lps.len() < want {
         return Err(format!("{} prompt log-probs for {want} tokens sent", lps.len()));
     }
-    lps[1..want].iter().enumerate().map(|(i, x)| x.ok_or_else(|| format!("no log-prob at position {}", i + 1))).collect::<std::result::Result<Vec<_>, _>>().map(|mut v| {
-        v.insert(0, 0.0);
-        v
-    })
+    lps[1..want]
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x.ok_or_else(|| format!("no log-prob at position {}", i + 1)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(|mut v| {
+            v.insert(0, 0.0);
+            v
+        })
 }
 
 fn row_of<T>(o: Outcome, f: impl FnOnce(&Value) -> std::result::Result<T, String>) -> Result<Row<T>> {
@@ -250,7 +265,9 @@ impl Backend for Remote {
             body.insert("model".into(), json!(self.model.spec.model));
             match (&codec, p.prompt) {
                 // The reward model's own template over the whole conversation, as token ids (DESIGN §4).
-                (Some(c), _) => body.insert("input".into(), json!(c.reward(p.prompt, p.response, opts.chat_template).map_err(|e| self.tok_err(e))?)),
+                (Some(c), _) => {
+                    body.insert("input".into(), json!(c.reward(p.prompt, p.response, opts.chat_template).map_err(|e| self.tok_err(e))?))
+                }
                 // Without a tokenizer the server renders and tokenises (vLLM's chat-style classify request).
                 (None, prompt) if opts.chat_template => {
                     let mut m = prompt.messages();
@@ -277,7 +294,8 @@ impl Backend for Remote {
     }
 
     fn logprobs(&self, cx: &RunCx, tag: &str, pairs: &[Pair], opts: PairOpts) -> Result<Vec<Row<(f64, u32)>>> {
-        let codec = self.codec()?.ok_or_else(|| Error::Input(format!("model `{}`: remote log-probs need `tokenizer:`", self.model.name)))?;
+        let codec =
+            self.codec()?.ok_or_else(|| Error::Input(format!("model `{}`: remote log-probs need `tokenizer:`", self.model.name)))?;
         let server = self.model.spec.server;
         let mut reqs = Vec::with_capacity(pairs.len());
         let mut seqs = Vec::with_capacity(pairs.len());
