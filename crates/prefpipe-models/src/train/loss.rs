@@ -69,6 +69,11 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// One pair's statistics: its implicit-reward margin and policy log-probs.
+    fn pair(margin: f64, chosen_logp: f64, rejected_logp: f64) -> Stats {
+        Stats { pairs: 1.0, correct: correct(margin), margin, items: 1.0, chosen_logp, rejected_logp, ..Default::default() }
+    }
+
     pub fn add(&mut self, o: &Stats) {
         self.pairs += o.pairs;
         self.correct += o.correct;
@@ -139,26 +144,12 @@ fn correct(x: f64) -> f64 {
 pub fn dpo(policy: &[f64], reference: &[f64], beta: f64) -> LossOut {
     assert_eq!(policy.len(), reference.len());
     assert!(policy.len().is_multiple_of(2), "DPO takes chosen/rejected pairs");
-    let n = (policy.len() / 2) as f64;
-    let mut out = LossOut { grad: vec![0.0; policy.len()], ..Default::default() };
-    for (k, (p, r)) in policy.chunks(2).zip(reference.chunks(2)).enumerate() {
-        let z = beta * ((p[0] - r[0]) - (p[1] - r[1]));
-        out.loss -= log_sigmoid(z) / n;
-        // ∂(−log σ(z))/∂z = −σ(−z); ∂z/∂sθ(y⁺) = β, ∂z/∂sθ(y⁻) = −β.
-        let g = -sigmoid(-z) * beta / n;
-        out.grad[2 * k] = g;
-        out.grad[2 * k + 1] = -g;
-        out.stats.add(&Stats {
-            pairs: 1.0,
-            correct: correct(z),
-            margin: z,
-            items: 1.0,
-            chosen_logp: p[0],
-            rejected_logp: p[1],
-            ..Default::default()
-        });
-    }
-    out
+    let pairs: Vec<PairLogps> = policy
+        .chunks(2)
+        .zip(reference.chunks(2))
+        .map(|(p, r)| PairLogps { chosen: p[0], rejected: p[1], ref_chosen: r[0], ref_rejected: r[1], chosen_len: 1.0, rejected_len: 1.0 })
+        .collect();
+    dpo_objective(&pairs, DpoLoss::Sigmoid, beta, 0.0, 0.0)
 }
 
 /// The per-pair loss of `method: dpo` (TRL's `DPOConfig.loss_type`).
@@ -230,15 +221,7 @@ pub fn dpo_objective(pairs: &[PairLogps], kind: DpoLoss, beta: f64, label_smooth
         out.loss += l / n;
         out.grad[2 * k] = gc / n;
         out.grad[2 * k + 1] = gr / n;
-        out.stats.add(&Stats {
-            pairs: 1.0,
-            correct: correct(z),
-            margin: z,
-            items: 1.0,
-            chosen_logp: p.chosen,
-            rejected_logp: p.rejected,
-            ..Default::default()
-        });
+        out.stats.add(&Stats::pair(z, p.chosen, p.rejected));
     }
     if nll_weight > 0.0 {
         let nll_sum: f64 = -pairs.iter().map(|p| p.chosen).sum::<f64>();
@@ -302,15 +285,7 @@ pub fn orpo(pairs: &[FreePair], lambda: f64) -> LossOut {
         out.grad[2 * k + 1] = -g / (-ar.exp_m1()) / p.rejected_len;
         out.grad[2 * m + k] = -1.0 / tokens;
         let margin = lambda * (ac - ar);
-        out.stats.add(&Stats {
-            pairs: 1.0,
-            correct: correct(margin),
-            margin,
-            items: 1.0,
-            chosen_logp: p.chosen,
-            rejected_logp: p.rejected,
-            ..Default::default()
-        });
+        out.stats.add(&Stats::pair(margin, p.chosen, p.rejected));
     }
     out.stats.nll_sum = nll_sum;
     out.stats.nll_tokens = tokens;
@@ -336,15 +311,7 @@ pub fn simpo(pairs: &[FreePair], beta: f64, gamma: f64) -> LossOut {
         out.grad[2 * k] = g / p.chosen_len;
         out.grad[2 * k + 1] = -g / p.rejected_len;
         let margin = beta * (ac - ar);
-        out.stats.add(&Stats {
-            pairs: 1.0,
-            correct: correct(margin),
-            margin,
-            items: 1.0,
-            chosen_logp: p.chosen,
-            rejected_logp: p.rejected,
-            ..Default::default()
-        });
+        out.stats.add(&Stats::pair(margin, p.chosen, p.rejected));
     }
     out
 }
