@@ -561,53 +561,10 @@ impl Strategy for RepeatRanking {
             })
             .collect();
         // The first error in prompt order, so the message does not depend on thread timing.
-        let picks: Vec<_> = results.into_iter().collect::<Result<_>>()?;
-        let threshold = match (self.min_w, self.keep) {
-            (Some(w), _) => Some(w),
-            (None, Some(k)) => {
-                let mut ws: Vec<f64> = picks
-                    .iter()
-                    .filter_map(|p| match p {
-                        Ok(p) => Some(p.w),
-                        Err((_, w)) => *w,
-                    })
-                    .collect();
-                keep_threshold(&mut ws, k)
-            }
-            (None, None) => None,
-        };
+        let picks: Vec<Outcome> = results.into_iter().collect::<Result<_>>()?;
         let mut out = Output::default();
         dropped.record(&mut out);
-        let mut rows = PairRows::default();
-        let (mut ws, mut cb, mut rb) = (Vec::new(), Vec::new(), Vec::new());
-        for (g, p) in picks.into_iter().enumerate() {
-            let w = match &p {
-                Ok(p) => Some(p.w),
-                Err((_, w)) => *w,
-            };
-            if let (Some(t), Some(w)) = (threshold, w) {
-                if w < t {
-                    out.drop(DropReason::BelowThreshold.as_str(), 1);
-                    continue;
-                }
-            }
-            match p {
-                Ok(p) if texts.same(cands[g][p.chosen].row, cands[g][p.rejected].row) => {
-                    out.drop(DropReason::IdenticalResponses.as_str(), 1);
-                }
-                Ok(p) => {
-                    rows.push(cands[g][p.chosen].row, cands[g][p.rejected].row);
-                    ws.push(p.w);
-                    cb.push(p.chosen_borda);
-                    rb.push(p.rejected_borda);
-                }
-                Err((r, _)) => out.drop(r.as_str(), 1),
-            }
-        }
-        let extra: Vec<ArrayRef> =
-            vec![Arc::new(Float64Array::from(ws)), Arc::new(Float64Array::from(cb)), Arc::new(Float64Array::from(rb))];
-        out.batches.push(pairs::build(input, schema, &rows, extra)?);
-        Ok(out)
+        self.emit(picks.into_iter().map(Some).collect(), &cands, &texts, input, schema, out)
     }
 }
 
@@ -663,17 +620,28 @@ impl RepeatRanking {
                 .collect::<Result<_>>()?;
             picks.push(Some(pick_with(&b, self.tie_correction)));
         }
+        self.emit(picks, &cands, &texts, &input, schema, out)
+    }
+
+    /// The `min_w`/`keep` cut over the prompts' W, then one pair per kept
+    /// prompt (`None`: already dropped and counted by the caller).
+    fn emit(
+        &self,
+        picks: Vec<Option<Outcome>>,
+        cands: &[Vec<Candidate>],
+        texts: &pairs::Texts,
+        input: &RecordBatch,
+        schema: &SchemaRef,
+        mut out: Output,
+    ) -> Result<Output> {
+        let w_of = |p: &Outcome| match p {
+            Ok(p) => Some(p.w),
+            Err((_, w)) => *w,
+        };
         let threshold = match (self.min_w, self.keep) {
             (Some(w), _) => Some(w),
             (None, Some(k)) => {
-                let mut ws: Vec<f64> = picks
-                    .iter()
-                    .flatten()
-                    .filter_map(|p| match p {
-                        Ok(p) => Some(p.w),
-                        Err((_, w)) => *w,
-                    })
-                    .collect();
+                let mut ws: Vec<f64> = picks.iter().flatten().filter_map(w_of).collect();
                 keep_threshold(&mut ws, k)
             }
             (None, None) => None,
@@ -682,11 +650,7 @@ impl RepeatRanking {
         let (mut ws, mut cb, mut rb) = (Vec::new(), Vec::new(), Vec::new());
         for (g, p) in picks.into_iter().enumerate() {
             let Some(p) = p else { continue };
-            let w = match &p {
-                Ok(p) => Some(p.w),
-                Err((_, w)) => *w,
-            };
-            if let (Some(t), Some(w)) = (threshold, w) {
+            if let (Some(t), Some(w)) = (threshold, w_of(&p)) {
                 if w < t {
                     out.drop(DropReason::BelowThreshold.as_str(), 1);
                     continue;
@@ -707,7 +671,7 @@ impl RepeatRanking {
         }
         let extra: Vec<ArrayRef> =
             vec![Arc::new(Float64Array::from(ws)), Arc::new(Float64Array::from(cb)), Arc::new(Float64Array::from(rb))];
-        out.batches.push(pairs::build(&input, schema, &rows, extra)?);
+        out.batches.push(pairs::build(input, schema, &rows, extra)?);
         Ok(out)
     }
 }
