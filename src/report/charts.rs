@@ -2,6 +2,7 @@
 //! the page inlines (no network, no script). Every function returns the
 //! `<svg>` element, or the reason it could not draw (shown instead of it).
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 pub const W: u32 = 640;
@@ -60,6 +61,45 @@ pub struct Series<'a> {
     pub values: &'a [f64],
 }
 
+/// A W×H SVG with a captioned f64 × f64 grid (no light mesh lines); `draw`
+/// adds the series and says whether to draw their legend. Histograms, lines
+/// and scatters share it.
+fn xy_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    x: (f64, f64),
+    y: (f64, f64),
+    draw: impl FnOnce(&mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<RangedCoordf64, RangedCoordf64>>) -> Result<bool, String>,
+) -> Res {
+    let mut buf = String::new();
+    {
+        let root = SVGBackend::with_string(&mut buf, (W, H)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x.0..x.1, y.0..y.1)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .x_label_formatter(&tick)
+            .y_label_formatter(&tick)
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(err)?;
+        if draw(&mut chart)? {
+            chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.3)).draw().map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(inline(buf))
+}
+
 /// Counts of `vals` in `bins` equal bins over `[lo, hi]`.
 pub fn bin_counts(vals: &[f64], lo: f64, hi: f64, bins: usize) -> Vec<u64> {
     let mut c = vec![0u64; bins];
@@ -79,26 +119,7 @@ pub fn histogram(title: &str, x_label: &str, series: &[Series], bins: usize, vli
     let counts: Vec<Vec<u64>> = series.iter().map(|s| bin_counts(s.values, lo, hi, bins)).collect();
     let ymax = counts.iter().flatten().copied().max().unwrap_or(0).max(1) as f64 * 1.1;
     let width = (hi - lo) / bins as f64;
-    let mut buf = String::new();
-    {
-        let root = SVGBackend::with_string(&mut buf, (W, H)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(36)
-            .y_label_area_size(48)
-            .build_cartesian_2d(lo..hi, 0.0..ymax)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_label)
-            .y_desc("count")
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(err)?;
+    xy_chart(title, x_label, "count", (lo, hi), (0.0, ymax), |chart| {
         for (k, (s, c)) in series.iter().zip(&counts).enumerate() {
             let color = PALETTE[k % PALETTE.len()];
             chart
@@ -117,36 +138,15 @@ pub fn histogram(title: &str, x_label: &str, series: &[Series], bins: usize, vli
                 .label(label.to_string())
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 12, y)], CUT.stroke_width(2)));
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.3)).draw().map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    Ok(inline(buf))
+        Ok(true)
+    })
 }
 
 /// Lines over a shared x (training curves).
 pub fn lines(title: &str, x_label: &str, y_label: &str, xs: &[f64], series: &[(&str, &[f64])]) -> Res {
     let (x0, x1) = range(xs.iter().copied());
     let (y0, y1) = range(series.iter().flat_map(|s| s.1.iter().copied()));
-    let mut buf = String::new();
-    {
-        let root = SVGBackend::with_string(&mut buf, (W, H)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_label)
-            .y_desc(y_label)
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(err)?;
+    xy_chart(title, x_label, y_label, (x0, x1), (y0, y1), |chart| {
         for (k, (name, ys)) in series.iter().enumerate() {
             let color = PALETTE[k % PALETTE.len()];
             let pts: Vec<(f64, f64)> =
@@ -160,46 +160,22 @@ pub fn lines(title: &str, x_label: &str, y_label: &str, xs: &[f64], series: &[(&
                 chart.draw_series(pts.iter().map(|&p| Circle::new(p, 2, color.filled()))).map_err(err)?;
             }
         }
-        if series.len() > 1 {
-            chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.3)).draw().map_err(err)?;
-        }
-        root.present().map_err(err)?;
-    }
-    Ok(inline(buf))
+        Ok(series.len() > 1)
+    })
 }
 
 /// One point per item (per-prompt reward mean vs std).
 pub fn scatter(title: &str, x_label: &str, y_label: &str, pts: &[(f64, f64)]) -> Res {
     let (x0, x1) = range(pts.iter().map(|p| p.0));
     let (y0, y1) = range(pts.iter().map(|p| p.1).chain([0.0]));
-    let mut buf = String::new();
-    {
-        let root = SVGBackend::with_string(&mut buf, (W, H)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_label)
-            .y_desc(y_label)
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(err)?;
+    xy_chart(title, x_label, y_label, (x0, x1), (y0, y1), |chart| {
         chart
             .draw_series(
                 pts.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).map(|&p| Circle::new(p, 3, PALETTE[0].mix(0.6).filled())),
             )
             .map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    Ok(inline(buf))
+        Ok(false)
+    })
 }
 
 /// Horizontal bars: one row per label, one bar per series (a funnel of
