@@ -22,11 +22,25 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The stamp `scripts/setup-venv.sh` writes when the venv is complete, read
+/// from the script's `stamp=` line so the two cannot drift apart (a stale
+/// hard-coded name once passed on an old venv and failed every server test
+/// on a fresh CI machine).
+fn venv_stamp(root: &std::path::Path) -> PathBuf {
+    let script = root.join("scripts/setup-venv.sh");
+    let text = std::fs::read_to_string(&script).unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("stamp="))
+        .unwrap_or_else(|| panic!("{} has no `stamp=` line", script.display()));
+    PathBuf::from(line.trim())
+}
+
 /// `.venv/bin/python`, made by `scripts/setup-venv.sh`.
 pub fn venv_python() -> PathBuf {
     let root = root();
     let python = root.join(".venv/bin/python");
-    let stamp = root.join(".venv/.prefpipe-venv-v1");
+    let stamp = root.join(venv_stamp(&root));
     if !python.exists() || !stamp.exists() {
         panic!("the test venv is missing or incomplete ({} / {}): run scripts/setup-venv.sh", python.display(), stamp.display());
     }
