@@ -418,62 +418,49 @@ fn run_stage(
     } else {
         reporter.stage_started(&s.id, &s.kind, "running", 1);
         m.chunks.clear();
-        let tables: Vec<Table> = inputs.iter().map(|(t, im)| Ok(Table { files: store.fetch(im)?, ..t.clone() })).collect::<Result<_>>()?;
-        let out = s.stage.run(&cx(0), &tables)?;
-        let rows_in = if out.rows_in > 0 { out.rows_in } else { inputs.iter().map(|(_, m)| m.rows_out()).sum() };
-        check_schema(&s.schema, &out.batches)?;
-        if s.mode == Mode::Sink {
-            let path = s.external.clone().expect("a sink names its file");
-            let blake3 = crate::io::file_digest(&path)?;
-            m.external = Some(ExternalRecord { path, blake3 });
-            m.chunks.insert(0, ChunkRecord { file: String::new(), rows_in, rows_out: rows_in, drops: out.drops, blake3: None });
-        } else if s.mode == Mode::Source {
-            let mut batches = out.batches.into_iter().enumerate().peekable();
-            if batches.peek().is_none() {
-                let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
-                m.chunks.insert(
-                    0,
-                    ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone(), blake3: Some(blake3) },
-                );
-            }
-            // Chunk files are independent: write them in parallel.
-            use rayon::prelude::*;
-            let records: Vec<(usize, ChunkRecord)> = batches
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map(|(c, b)| {
-                    let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
-                    let (rows_in, drops) = if c == 0 { (rows_in, out.drops.clone()) } else { (0, Default::default()) };
-                    Ok((c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops, blake3: Some(blake3) }))
-                })
-                .collect::<Result<_>>()?;
-            m.chunks.extend(records);
+        if s.mode == Mode::Source {
+            m.chunks = run_source(s, &cx(0), &dir)?;
         } else {
-            // Cut into chunks of `chunk_size` prompts again, so the stages after
-            // a barrier keep resume granularity and shardability (DESIGN §13).
-            let parts = crate::rechunk::rechunk(&s.schema, &out.batches, plan.spec.chunk_size)?;
-            if parts.is_empty() {
-                let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
-                m.chunks.insert(
-                    0,
-                    ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone(), blake3: Some(blake3) },
-                );
-            }
-            use rayon::prelude::*;
-            let records: Vec<(usize, ChunkRecord)> = parts
-                .into_par_iter()
-                .enumerate()
-                .map(|(c, b)| {
-                    let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
-                    let (rows_in, drops) = if c == 0 { (rows_in, out.drops.clone()) } else { (0, Default::default()) };
-                    Ok((c, ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops, blake3: Some(blake3) }))
-                })
-                .collect::<Result<_>>()?;
-            m.chunks.extend(records);
-            // A stage with a table *and* a file outside the store (a train checkpoint).
-            if let Some(path) = &s.external {
-                let blake3 = crate::io::file_digest(path)?;
-                m.external = Some(ExternalRecord { path: path.clone(), blake3 });
+            let tables: Vec<Table> =
+                inputs.iter().map(|(t, im)| Ok(Table { files: store.fetch(im)?, ..t.clone() })).collect::<Result<_>>()?;
+            let out = s.stage.run(&cx(0), &tables)?;
+            let rows_in = if out.rows_in > 0 { out.rows_in } else { inputs.iter().map(|(_, m)| m.rows_out()).sum() };
+            check_schema(&s.schema, &out.batches)?;
+            if s.mode == Mode::Sink {
+                let path = s.external.clone().expect("a sink names its file");
+                let blake3 = crate::io::file_digest(&path)?;
+                m.external = Some(ExternalRecord { path, blake3 });
+                m.chunks.insert(0, ChunkRecord { file: String::new(), rows_in, rows_out: rows_in, drops: out.drops, blake3: None });
+            } else {
+                // Cut into chunks of `chunk_size` prompts again, so the stages after
+                // a barrier keep resume granularity and shardability (DESIGN §13).
+                let parts = crate::rechunk::rechunk(&s.schema, &out.batches, plan.spec.chunk_size)?;
+                if parts.is_empty() {
+                    let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
+                    m.chunks.insert(
+                        0,
+                        ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone(), blake3: Some(blake3) },
+                    );
+                }
+                use rayon::prelude::*;
+                let records: Vec<(usize, ChunkRecord)> = parts
+                    .into_par_iter()
+                    .enumerate()
+                    .map(|(c, b)| {
+                        let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
+                        let (rows_in, drops) = if c == 0 { (rows_in, out.drops.clone()) } else { (0, Default::default()) };
+                        Ok((
+                            c,
+                            ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops, blake3: Some(blake3) },
+                        ))
+                    })
+                    .collect::<Result<_>>()?;
+                m.chunks.extend(records);
+                // A stage with a table *and* a file outside the store (a train checkpoint).
+                if let Some(path) = &s.external {
+                    let blake3 = crate::io::file_digest(path)?;
+                    m.external = Some(ExternalRecord { path: path.clone(), blake3 });
+                }
             }
         }
     }
@@ -490,6 +477,54 @@ fn run_stage(
     r.backend = s.stage.run_info();
     r.device = joined(devices);
     Ok((r, m))
+}
+
+/// Runs a source and writes the chunks it emits ([`crate::stage::Stage::run_chunks`])
+/// on a second thread while it reads the next one (at most one waits in
+/// between), so memory stays bounded by a few chunks, not the table. Chunk 0's
+/// record holds the stage's rows read and drops; no rows is one empty chunk.
+fn run_source(s: &crate::plan::PlannedStage, cx: &RunCx, dir: &std::path::Path) -> Result<BTreeMap<usize, ChunkRecord>> {
+    let write = |c: usize, batches: &[arrow::record_batch::RecordBatch]| -> Result<ChunkRecord> {
+        check_schema(&s.schema, batches)?;
+        let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, batches)?;
+        let rows_out = batches.iter().map(|b| b.num_rows() as u64).sum();
+        Ok(ChunkRecord { file: chunk_file_name(c), rows_in: 0, rows_out, drops: Default::default(), blake3: Some(blake3) })
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, arrow::record_batch::RecordBatch)>(1);
+    let (out, written) = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<BTreeMap<usize, ChunkRecord>> {
+            let mut written = BTreeMap::new();
+            for (c, b) in rx {
+                written.insert(c, write(c, std::slice::from_ref(&b))?);
+            }
+            Ok(written)
+        });
+        // Chunks of the last pass, and of all passes (a source may start over from chunk 0).
+        let (mut pass, mut emitted) = (0usize, 0usize);
+        let out = s.stage.run_chunks(cx, &mut |c, b| {
+            pass = if c == 0 { 1 } else { pass.max(c + 1) };
+            emitted = emitted.max(c + 1);
+            // A closed channel means the writer failed; its error is the one returned.
+            tx.send((c, b)).map_err(|_| Error::Runtime("internal error: the chunk writer stopped".into()))
+        });
+        drop(tx);
+        let written = writer.join().expect("the chunk writer does not panic");
+        (out, written.map(|w| (w, pass, emitted)))
+    });
+    let (mut written, n, emitted) = written?;
+    let out = out?;
+    // A source that started over may emit fewer chunks the second time: the leftovers are not its output.
+    for c in n..emitted {
+        let _ = std::fs::remove_file(dir.join(chunk_file_name(c)));
+    }
+    written.retain(|&c, _| c < n);
+    if written.is_empty() {
+        written.insert(0, write(0, &[])?);
+    }
+    let first = written.get_mut(&0).expect("chunk 0");
+    first.rows_in = out.rows_in;
+    first.drops = out.drops;
+    Ok(written)
 }
 
 /// Runs `pending` chunks with up to `window` in flight, each on its own

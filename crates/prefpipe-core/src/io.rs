@@ -8,9 +8,11 @@ use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arrow::array::new_empty_array;
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnChunk, ArrowColumnWriter};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -93,15 +95,75 @@ fn write_parquet_with(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], 
     let mut digest = String::new();
     write_atomic(path, |file| {
         let mut hashed = Hashing { inner: file, hasher: blake3::Hasher::new() };
-        let mut w = ArrowWriter::try_new(&mut hashed, schema.clone(), Some(props))?;
-        for b in batches {
-            w.write(b)?;
-        }
-        w.close()?;
+        write_columns_parallel(&mut hashed, schema, batches, props)?;
         digest = hashed.hasher.finalize().to_hex().to_string();
         Ok(())
     })?;
     Ok(digest)
+}
+
+/// What [`ArrowWriter`] writes for `batches`, byte for byte, with the
+/// columns of each row group encoded in parallel: encoding (statistics,
+/// compression) is most of a write, and an export or a chunk is mostly two
+/// or three wide text columns. Each column writer gets the same write calls
+/// `ArrowWriter::write` would give it (one per batch piece, row groups cut
+/// at `max_row_group_row_count`), so page boundaries and bytes do not change.
+fn write_columns_parallel<W: Write + Send>(out: W, schema: &SchemaRef, batches: &[RecordBatch], props: WriterProperties) -> Result<()> {
+    use rayon::prelude::*;
+    let max_rows = props.max_row_group_row_count().unwrap_or(usize::MAX).max(1);
+    if props.max_row_group_bytes().is_some() {
+        // A byte limit cuts row groups by measured sizes: leave it to ArrowWriter.
+        let mut w = ArrowWriter::try_new(out, schema.clone(), Some(props))?;
+        for b in batches {
+            w.write(b)?;
+        }
+        w.close()?;
+        return Ok(());
+    }
+    let (mut writer, factory) = ArrowWriter::try_new(out, schema.clone(), Some(props))?.into_serialized_writer()?;
+    // Row groups as lists of batch pieces, cut as ArrowWriter cuts them.
+    let mut groups: Vec<Vec<RecordBatch>> = Vec::new();
+    let mut filled = max_rows;
+    for b in batches.iter().filter(|b| b.num_rows() > 0) {
+        let mut off = 0;
+        while off < b.num_rows() {
+            if filled == max_rows {
+                groups.push(Vec::new());
+                filled = 0;
+            }
+            let n = (max_rows - filled).min(b.num_rows() - off);
+            groups.last_mut().expect("a group").push(b.slice(off, n));
+            off += n;
+            filled += n;
+        }
+    }
+    for (g, pieces) in groups.iter().enumerate() {
+        // Each field's column writers (a nested field has one per leaf), in schema order.
+        let mut writers = factory.create_column_writers(g)?.into_iter();
+        let mut per_field: Vec<(usize, Vec<ArrowColumnWriter>)> = Vec::with_capacity(schema.fields().len());
+        for (i, f) in schema.fields().iter().enumerate() {
+            let n = compute_leaves(f, &new_empty_array(f.data_type()))?.len();
+            per_field.push((i, writers.by_ref().take(n).collect()));
+        }
+        let chunks: Vec<Vec<ArrowColumnChunk>> = per_field
+            .into_par_iter()
+            .map(|(i, mut ws)| {
+                for p in pieces {
+                    for (w, leaf) in ws.iter_mut().zip(compute_leaves(schema.field(i), p.column(i))?) {
+                        w.write(&leaf)?;
+                    }
+                }
+                ws.into_iter().map(|w| Ok(w.close()?)).collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        let mut rg = writer.next_row_group()?;
+        for c in chunks.into_iter().flatten() {
+            c.append_to_row_group(&mut rg)?;
+        }
+        rg.close()?;
+    }
+    writer.close()?;
+    Ok(())
 }
 
 /// A writer that hashes what it passes through.
@@ -146,9 +208,10 @@ fn read_parquet_unguarded(path: &Path) -> Result<Vec<RecordBatch>> {
     let groups: Vec<Vec<RecordBatch>> = (0..n.max(1))
         .into_par_iter()
         .map(|g| {
-            let mut builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(unreadable)?.with_batch_size(64 * 1024);
+            let mut builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(unreadable)?;
             if n > 0 {
-                builder = builder.with_row_groups(vec![g]);
+                let rows = batch_rows(builder.metadata().row_group(g));
+                builder = builder.with_row_groups(vec![g]).with_batch_size(rows);
             }
             let reader = builder.build().map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
             reader
@@ -157,6 +220,47 @@ fn read_parquet_unguarded(path: &Path) -> Result<Vec<RecordBatch>> {
         })
         .collect::<Result<_>>()?;
     Ok(groups.into_iter().flatten().collect())
+}
+
+/// A Parquet file's footer: its row groups and column statistics.
+pub fn parquet_metadata(path: &Path) -> Result<Arc<parquet::file::metadata::ParquetMetaData>> {
+    guarded(path, || {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
+            .map_err(|e| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display())))?;
+        Ok(builder.metadata().clone())
+    })
+}
+
+/// Whether the footer's statistics show no nulls in top-level column `name`
+/// in any row group (false when a row group has no null count).
+pub fn parquet_no_nulls(md: &parquet::file::metadata::ParquetMetaData, name: &str) -> bool {
+    let Some(i) = md.file_metadata().schema_descr().columns().iter().position(|c| c.path().parts() == [name]) else { return false };
+    md.row_groups().iter().all(|rg| rg.column(i).statistics().and_then(|s| s.null_count_opt()) == Some(0))
+}
+
+/// Row group `g` of a Parquet file, in batches of [`batch_rows`].
+pub fn read_row_group(path: &Path, g: usize) -> Result<Vec<RecordBatch>> {
+    guarded(path, || {
+        let unreadable = |e: parquet::errors::ParquetError| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display()));
+        let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(unreadable)?;
+        let rows = batch_rows(builder.metadata().row_group(g));
+        let reader =
+            builder.with_batch_size(rows).with_row_groups(vec![g]).build().map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+        reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Input(format!("{}: corrupt Parquet data: {e}", path.display())))
+    })
+}
+
+/// Rows per decoded batch: a whole row group when it is under 1 GiB
+/// decoded, so a store chunk (one group) reads as one batch that needs no
+/// concatenation; 64k rows otherwise, so no text column outgrows i32 offsets.
+fn batch_rows(rg: &parquet::file::metadata::RowGroupMetaData) -> usize {
+    if rg.total_byte_size() < 1 << 30 {
+        rg.num_rows().max(1) as usize
+    } else {
+        64 * 1024
+    }
 }
 
 /// The schema of a Parquet file (reads the footer only).
@@ -276,6 +380,65 @@ mod tests {
         let p3 = dir.path().join("c.parquet");
         let d = write_store_chunk(&p3, &schema, std::slice::from_ref(&b)).unwrap();
         assert_eq!(d, file_digest(&p3).unwrap());
+    }
+
+    #[test]
+    fn parallel_column_writes_are_arrow_writer_bytes() {
+        use arrow::array::{ArrayRef, ListArray, StructArray};
+        // Text, a float with nulls and a list<struct> (several leaves); row groups of 7 rows
+        // cut across uneven batches; and no rows at all.
+        let item = Arc::new(Field::new(
+            "item",
+            DataType::Struct(vec![Field::new("a", DataType::Utf8, false), Field::new("b", DataType::Float64, true)].into()),
+            true,
+        ));
+        let schema = schema_ref(Schema::new(vec![
+            Field::new("s", DataType::Utf8, false),
+            Field::new("x", DataType::Float64, true),
+            Field::new("l", DataType::List(item.clone()), true),
+        ]));
+        let n = 23;
+        let s: ArrayRef = Arc::new(StringArray::from((0..n).map(|i| format!("text {i} ").repeat(i % 5 + 1)).collect::<Vec<_>>()));
+        let x: ArrayRef = Arc::new(Float64Array::from((0..n).map(|i| (i % 3 != 0).then_some(i as f64 / 3.0)).collect::<Vec<_>>()));
+        let inner = StructArray::new(
+            match item.data_type() {
+                DataType::Struct(f) => f.clone(),
+                _ => unreachable!(),
+            },
+            vec![
+                Arc::new(StringArray::from((0..2 * n).map(|i| format!("m{i}")).collect::<Vec<_>>())),
+                Arc::new(Float64Array::from((0..2 * n).map(|i| i as f64).collect::<Vec<_>>())),
+            ],
+            None,
+        );
+        let l: ArrayRef = Arc::new(ListArray::new(
+            item,
+            arrow::buffer::OffsetBuffer::from_lengths((0..n).map(|i| i % 3)),
+            Arc::new(inner.slice(0, (0..n).map(|i| i % 3).sum())),
+            None,
+        ));
+        let b = RecordBatch::try_new(schema.clone(), vec![s, x, l]).unwrap();
+        let props = || WriterProperties::builder().set_max_row_group_row_count(Some(7)).set_dictionary_enabled(false).build();
+        for batches in [vec![b.clone()], vec![b.slice(0, 3), b.slice(3, 0), b.slice(3, 12), b.slice(15, 8)], vec![]] {
+            let mut want = Vec::new();
+            let mut w = ArrowWriter::try_new(&mut want, schema.clone(), Some(props())).unwrap();
+            for x in &batches {
+                w.write(x).unwrap();
+            }
+            w.close().unwrap();
+            let mut got = Vec::new();
+            write_columns_parallel(&mut got, &schema, &batches, props()).unwrap();
+            assert_eq!(got, want, "{} batches", batches.len());
+            let mut got = Vec::new();
+            write_columns_parallel(&mut got, &schema, &batches, writer_props()).unwrap();
+            let mut want = Vec::new();
+            let mut w = ArrowWriter::try_new(&mut want, schema.clone(), Some(writer_props())).unwrap();
+            for x in &batches {
+                w.write(x).unwrap();
+            }
+            w.close().unwrap();
+            assert_eq!(got, want);
+        }
     }
 
     #[test]

@@ -268,6 +268,21 @@ pub trait Stage: Send + Sync {
     }
 
     fn run(&self, cx: &RunCx, inputs: &[Table]) -> Result<Output>;
+
+    /// A source's output chunk by chunk: `emit(c, batch)` for chunks c = 0,
+    /// 1, …, so the executor writes each chunk while the next is read and
+    /// memory stays bounded by the chunk size, not the table. A source may
+    /// start over at chunk 0 (its input was not laid out as it assumed): a
+    /// chunk emitted again replaces the earlier one, and only the last pass
+    /// counts. The returned [`Output`] holds the drops and rows read, no
+    /// batches. Default: [`Stage::run`], then its batches in order.
+    fn run_chunks(&self, cx: &RunCx, emit: &mut dyn FnMut(usize, RecordBatch) -> Result<()>) -> Result<Output> {
+        let mut out = self.run(cx, &[])?;
+        for (c, b) in std::mem::take(&mut out.batches).into_iter().enumerate() {
+            emit(c, b)?;
+        }
+        Ok(out)
+    }
 }
 
 /// How many `input:` ids a kind takes.

@@ -27,15 +27,20 @@ pub struct Groups {
 
 pub fn group_rows(batch: &RecordBatch) -> Result<Groups> {
     let ids = str_col(batch, col::PROMPT_ID)?;
-    let mut index: HashMap<&str, usize> = HashMap::with_capacity(batch.num_rows() / 4 + 1);
+    let id = |r: usize| if ids.is_null(r) { "" } else { ids.value(r) };
+    let mut index: HashMap<&str, usize> = HashMap::new();
     let mut rows: Vec<Vec<usize>> = Vec::new();
-    for r in 0..ids.len() {
-        let id = if ids.is_null(r) { "" } else { ids.value(r) };
-        let g = *index.entry(id).or_insert_with(|| {
-            rows.push(Vec::new());
+    // Rows come grouped (sources cut chunks by prompt): one look-up per run of equal ids, not per row.
+    let mut start = 0;
+    while start < ids.len() {
+        let first = id(start);
+        let end = (start + 1..ids.len()).find(|&r| id(r) != first).unwrap_or(ids.len());
+        let g = *index.entry(first).or_insert_with(|| {
+            rows.push(Vec::with_capacity(end - start));
             rows.len() - 1
         });
-        rows[g].push(r);
+        rows[g].extend(start..end);
+        start = end;
     }
     drop(index);
     Ok(Groups { prompt_ids: ids, rows })
