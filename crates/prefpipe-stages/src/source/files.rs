@@ -175,7 +175,36 @@ impl Files {
             }
         }
         let batch = concat_batches(schema, &batches)?;
-        Ok(Rows { batch, starts, paths: self.paths.clone() })
+        Ok(Rows { batch, starts, paths: self.paths.clone(), first: 0 })
+    }
+
+    /// Whether the files can be read row group by row group ([`super::stream`]):
+    /// Parquet whose footers show no null in any of `columns` (or whose
+    /// schema forbids them), so the only row errors left are ones a stream
+    /// meets in file order, as the whole-table read would.
+    pub fn null_free_parquet(&self, schema: &Schema, columns: &[&str]) -> Result<bool> {
+        if self.format != Format::Parquet {
+            return Ok(false);
+        }
+        for p in &self.paths {
+            let md = io::parquet_metadata(p)?;
+            for c in columns {
+                let nullable = schema.field_with_name(c).map_or(true, |f| f.is_nullable());
+                if nullable && !io::parquet_no_nulls(&md, c) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// The batches of file `f`'s row group `g`, with the merged `schema`.
+    pub fn row_group(&self, f: usize, g: usize, schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
+        let batches = io::read_row_group(&self.paths[f], g)?;
+        if self.single {
+            return Ok(batches);
+        }
+        batches.into_iter().map(|b| Ok(RecordBatch::try_new(schema.clone(), b.columns().to_vec())?)).collect()
     }
 }
 
@@ -184,13 +213,20 @@ pub(super) struct Rows {
     pub batch: RecordBatch,
     starts: Vec<usize>,
     paths: Vec<PathBuf>,
+    /// Row (0-based) of its file that the batch's first row is.
+    first: usize,
 }
 
 impl Rows {
+    /// Rows of one file that start at its row `first` (0-based): a row group read on its own.
+    pub fn part(batch: RecordBatch, path: &Path, first: usize) -> Rows {
+        Rows { batch, starts: vec![0], paths: vec![path.to_path_buf()], first }
+    }
+
     /// `FILE: row N` for row `r` of the batch (N counts from 1 within its file).
     pub fn at(&self, r: usize) -> String {
         let f = self.starts.partition_point(|&s| s <= r) - 1;
-        format!("{}: row {}", self.paths[f].display(), r - self.starts[f] + 1)
+        format!("{}: row {}", self.paths[f].display(), self.first + r - self.starts[f] + 1)
     }
 }
 

@@ -11,6 +11,7 @@
 
 mod conversation;
 mod files;
+mod stream;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -139,6 +140,31 @@ impl Stage for Source {
         out.batches = chunk_by_prompt(&batch, cx.chunk_size)?;
         Ok(out)
     }
+
+    /// Streams a Parquet table that is grouped by prompt ([`stream`]); reads
+    /// anything else whole, as [`Stage::run`] does.
+    fn run_chunks(&self, cx: &RunCx, emit: &mut dyn FnMut(usize, RecordBatch) -> Result<()>) -> Result<Output> {
+        let path = cx.resolve(&self.c.path);
+        if let Some(out) = read_grouped(&self.c, &path, cx.chunk_size, emit)? {
+            return Ok(out);
+        }
+        let mut out = self.run(cx, &[])?;
+        for (c, b) in std::mem::take(&mut out.batches).into_iter().enumerate() {
+            emit(c, b)?;
+        }
+        Ok(out)
+    }
+}
+
+/// The chunks of a grouped Parquet table, streamed; `None` when the files
+/// are not one ([`stream::eligible`]) or turn out not grouped by prompt.
+fn read_grouped(c: &SourceConfig, path: &std::path::Path, chunk_size: usize, emit: &mut stream::Emit) -> Result<Option<Output>> {
+    let (files, file_schema, shape) = open(c, path)?;
+    if !stream::eligible(&files, &file_schema, c, &shape)? {
+        return Ok(None);
+    }
+    let schema = output_schema(&file_schema, c, &shape);
+    stream::stream(&files, &file_schema, &schema, c, &shape, chunk_size, emit)
 }
 
 /// [`read_all`] then [`chunk_by_prompt`], for the fuzz targets (`crate::fuzzing`).
@@ -148,12 +174,18 @@ pub fn read_for_fuzz(c: &SourceConfig, path: &std::path::Path) -> Result<Vec<Rec
     chunk_by_prompt(&batch, 2)
 }
 
-/// Reads every file of `path` into the output table (one batch), with drop counts.
-fn read_all(c: &SourceConfig, path: &std::path::Path) -> Result<(RecordBatch, Output)> {
+/// The files behind `path`, their merged schema and the prompts' shape.
+fn open(c: &SourceConfig, path: &std::path::Path) -> Result<(Files, SchemaRef, Shape)> {
     let files = Files::find(path, c.format).map_err(|e| Error::Input(e.message))?;
     let file_schema = files.schema()?;
     let shape = Shape::of(&file_schema, &path.display().to_string(), c)
         .map_err(|e| Error::Input(e.into_iter().map(|e| e.message).collect::<Vec<_>>().join("; ")))?;
+    Ok((files, file_schema, shape))
+}
+
+/// Reads every file of `path` into the output table (one batch), with drop counts.
+fn read_all(c: &SourceConfig, path: &std::path::Path) -> Result<(RecordBatch, Output)> {
+    let (files, file_schema, shape) = open(c, path)?;
     let rows = files.read(&file_schema)?;
     let schema = output_schema(&file_schema, c, &shape);
     let (batch, mut out) = normalize(&rows, &schema, c, &shape)?;
@@ -187,8 +219,13 @@ fn output_schema(file: &Schema, c: &SourceConfig, shape: &Shape) -> SchemaRef {
 /// Renames/derives the id and prompt columns (and the conversation), checks
 /// nulls, dedups and limits.
 fn normalize(rows: &Rows, schema: &SchemaRef, c: &SourceConfig, shape: &Shape) -> Result<(RecordBatch, Output)> {
+    keep_rows(rows, columns(rows, schema, c, shape)?, c)
+}
+
+/// The output columns of `rows`: the id and prompt columns renamed or
+/// derived (and the conversation), nulls refused, the others as they are.
+fn columns(rows: &Rows, schema: &SchemaRef, c: &SourceConfig, shape: &Shape) -> Result<RecordBatch> {
     let b = &rows.batch;
-    let mut out = Output::default();
     let derived = if shape.has_messages(c) { Some(conversation::derive(rows, shape, c)?) } else { None };
     let prompt: StringArray = match &derived {
         Some(d) => d.prompt.as_any().downcast_ref::<StringArray>().expect("utf8").clone(),
@@ -225,7 +262,15 @@ fn normalize(rows: &Rows, schema: &SchemaRef, c: &SourceConfig, shape: &Shape) -
     for f in schema.fields().iter().skip(cols.len()) {
         cols.push(b.column_by_name(f.name()).expect("from the file").clone());
     }
-    let batch = RecordBatch::try_new(schema.clone(), cols)?;
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
+}
+
+/// Dedups and limits the output of [`columns`].
+fn keep_rows(rows: &Rows, batch: RecordBatch, c: &SourceConfig) -> Result<(RecordBatch, Output)> {
+    let b = &rows.batch;
+    let mut out = Output::default();
+    let schema = batch.schema();
+    let ids = batch.column(0).as_any().downcast_ref::<StringArray>().expect("prompt_id is utf8").clone();
 
     // Rows to keep: dedup on (prompt_id, sample_idx), then the first `limit` prompts.
     let sample = b.column_by_name(col::SAMPLE_IDX).map(|a| cast(a, &DataType::Utf8)).transpose()?;
