@@ -45,13 +45,16 @@ pub fn writer_props() -> WriterProperties {
 }
 
 fn props(codec: Compression) -> WriterProperties {
+    props_builder(codec).build()
+}
+
+fn props_builder(codec: Compression) -> parquet::file::properties::WriterPropertiesBuilder {
     WriterProperties::builder()
         .set_compression(codec)
         .set_created_by(format!("prefpipe {}", env!("CARGO_PKG_VERSION")))
         // Responses and ids are near-unique: dictionary interning costs more
         // than it saves, and zstd already folds repeated prompts.
         .set_dictionary_enabled(false)
-        .build()
 }
 
 /// A temp path next to `path` (same directory, so rename is atomic).
@@ -85,8 +88,11 @@ pub fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -
 /// Writes a chunk of the run store: LZ4, which compresses and decompresses
 /// several times faster than zstd; store chunks are read back once or twice.
 /// Returns the blake3 (hex) of the bytes written, for the chunk's record.
+/// No min/max statistics: nothing prunes a chunk by them, and for wide text
+/// columns they cost a comparison per value and a page index per column.
 pub fn write_store_chunk(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String> {
-    write_parquet_with(path, schema, batches, props(Compression::LZ4_RAW))
+    let props = props_builder(Compression::LZ4_RAW).set_statistics_enabled(parquet::file::properties::EnabledStatistics::None).build();
+    write_parquet_with(path, schema, batches, props)
 }
 
 /// Writes Parquet atomically; returns the blake3 (hex) of the file's bytes,
