@@ -13,7 +13,8 @@ elapsed_s from run.json (model load + digest, tokenization, scoring, Parquet wri
 transformers: AutoModelForSequenceClassification (default attention, sdpa),
 inference_mode; the time covers model load, tokenization and scoring.
 
-Prints sequences/s for both, the ratio, the largest difference between the two
+Prints sequences/s for both, the time ratio (prefpipe seconds / transformers';
+goal <= 1.0), the largest difference between the two
 sides' rewards, and peak RSS.
 
     cargo build --release --bin prefpipe
@@ -156,7 +157,7 @@ def main():
           f"batch {args.batch}, {args.threads} threads, f32 CPU")
     print(f"  prefpipe:     {n / pp_s:8.2f} sequences/s ({pp_s:.1f}s: score stage incl. model load and Parquet write)")
     print(f"  transformers: {n / t_s:8.2f} sequences/s ({t_s:.1f}s incl. model load; scoring alone {n / t_score_s:.2f} sequences/s)")
-    print(f"  ratio prefpipe/transformers: {t_s / pp_s:.2f}x")
+    print(f"  time ratio prefpipe/transformers (goal <= 1.0): {pp_s / t_s:.2f}")
     print(f"  largest reward difference: {worst:.2e} (rewards up to {scale:.3g} in magnitude: {worst / scale:.1e} of it)")
     print(f"peak RSS: prefpipe {pp_rss:.0f} MiB, transformers (python process) {t_rss:.0f} MiB")
     shutil.rmtree(work, ignore_errors=True)

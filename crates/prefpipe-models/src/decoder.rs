@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
 
 use crate::config::{HeadKind, ModelConfig, RopeScaling};
+use crate::fused;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -38,7 +39,20 @@ impl RmsNorm {
         Ok(Self { weight, eps })
     }
 
+    /// The weight on the host, for the fused kernels (a few hundred floats).
+    fn host_weight(&self) -> CResult<Vec<f32>> {
+        self.weight.to_vec1::<f32>()
+    }
+
+    fn detach(&self) -> Self {
+        Self { weight: self.weight.detach(), eps: self.eps }
+    }
+
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        if fused::applies(x, &[&self.weight]) {
+            let weight = self.host_weight()?;
+            return x.contiguous()?.apply_op1_no_bwd(&fused::RmsNorm { weight: &weight, eps: self.eps as f32 });
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
@@ -52,6 +66,16 @@ fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> CResult<
     } else {
         candle_nn::linear_no_bias(in_dim, out_dim, vb)
     }
+}
+
+/// A linear layer's weight and bias.
+fn linear_weights(l: &Linear) -> impl Iterator<Item = &Tensor> {
+    std::iter::once(l.weight()).chain(l.bias())
+}
+
+/// The same layer on the same storage, cut from any gradient graph.
+fn detach_linear(l: &Linear) -> Linear {
+    Linear::new(l.weight().detach(), l.bias().map(Tensor::detach))
 }
 
 /// Rotary position embedding, "rotate half" layout (HF `apply_rotary_pos_emb`).
@@ -184,6 +208,9 @@ impl Attention {
 
     /// `x`: `[b, t, hidden]`; `mask`: additive `[b, 1, 1, t, t_keys]`; `cache`: this layer's past keys/values.
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
+        if fused::applies(x, &self.weights()) {
+            return self.attend_fused(x, cos, sin, mask, cache);
+        }
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let n_rep = nh / nkv;
@@ -210,6 +237,49 @@ impl Attention {
         let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
     }
+
+    fn weights(&self) -> Vec<&Tensor> {
+        let linears = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj];
+        let norms = [&self.q_norm, &self.k_norm];
+        linears.iter().flat_map(|l| linear_weights(l)).chain(norms.iter().filter_map(|n| n.as_ref().map(|n| &n.weight))).collect()
+    }
+
+    fn detach(&self) -> Self {
+        Self {
+            q_proj: detach_linear(&self.q_proj),
+            k_proj: detach_linear(&self.k_proj),
+            v_proj: detach_linear(&self.v_proj),
+            o_proj: detach_linear(&self.o_proj),
+            q_norm: self.q_norm.as_ref().map(RmsNorm::detach),
+            k_norm: self.k_norm.as_ref().map(RmsNorm::detach),
+            ..*self
+        }
+    }
+
+    /// [`Attention::forward`] with fixed weights on the CPU: the same GEMMs,
+    /// then one pass per projection for norm + RoPE + head layout, and one
+    /// pass for scale + mask + softmax, written over the scores in place.
+    fn attend_fused(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let n_rep = nh / nkv;
+        let heads = |proj: &Linear, n_heads, rotate, norm: &Option<RmsNorm>| {
+            let w = norm.as_ref().map(RmsNorm::host_weight).transpose()?;
+            let norm = norm.as_ref().zip(w.as_deref()).map(|(n, weight)| fused::RmsNorm { weight, eps: n.eps as f32 });
+            proj.forward(x)?.apply_op3_no_bwd(cos, sin, &fused::HeadsRope { first_head: 0, n_heads, head_dim: hd, rotate, norm })
+        };
+        let q = heads(&self.q_proj, nh, true, &self.q_norm)?;
+        let mut k = heads(&self.k_proj, nkv, true, &self.k_norm)?;
+        let mut v = heads(&self.v_proj, nkv, false, &None)?;
+        if let Some(cache) = cache {
+            (k, v) = cache.append(&k, &v)?;
+        }
+        // [b, nh, t, hd] is [b, nkv, n_rep·t, hd]: a group's queries share one matmul.
+        let scores = q.reshape((b, nkv, n_rep * t, hd))?.matmul(&k.t()?)?;
+        scores.inplace_op2(mask, &fused::MaskedSoftmax { scale: (1.0 / (hd as f64).sqrt()) as f32 })?;
+        let out = scores.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
@@ -231,8 +301,17 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        if fused::applies(x, &[&self.gate_proj, &self.up_proj, &self.down_proj].iter().flat_map(|l| linear_weights(l)).collect::<Vec<_>>())
+        {
+            return self.down_proj.forward(&gate.apply_op2_no_bwd(&up, &fused::SiluMul)?);
+        }
+        self.down_proj.forward(&(gate.silu()? * up)?)
+    }
+
+    fn detach(&self) -> Self {
+        Self { gate_proj: detach_linear(&self.gate_proj), up_proj: detach_linear(&self.up_proj), down_proj: detach_linear(&self.down_proj) }
     }
 }
 
@@ -253,6 +332,15 @@ impl DecoderLayer {
             post_attention_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
         })
+    }
+
+    fn detach(&self) -> Self {
+        Self {
+            input_layernorm: self.input_layernorm.detach(),
+            self_attn: self.self_attn.detach(),
+            post_attention_layernorm: self.post_attention_layernorm.detach(),
+            mlp: self.mlp.detach(),
+        }
     }
 
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
@@ -360,6 +448,17 @@ impl DecoderBody {
             rope: Rope::new(cfg),
             sliding_window: cfg.sliding_window,
         })
+    }
+
+    fn detach(&self) -> Self {
+        let e = &self.embed_tokens;
+        Self {
+            embed_tokens: Embedding::new(e.embeddings().detach(), e.hidden_size()),
+            layers: self.layers.iter().map(DecoderLayer::detach).collect(),
+            norm: self.norm.detach(),
+            rope: self.rope.clone(),
+            sliding_window: self.sliding_window,
+        }
     }
 
     pub fn embed_tokens(&self) -> &Embedding {
@@ -498,6 +597,18 @@ impl Decoder {
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// The same model on the same weight storage with no gradient graph: what
+    /// a trainable model computes when only the numbers are wanted (log-probs,
+    /// scores, generation). It runs the fused inference kernels, so a trainable
+    /// model and an inference model of the same weights give the same bits.
+    pub fn detached(&self) -> Decoder {
+        let head = match &self.head {
+            Head::Lm(l) => Head::Lm(detach_linear(l)),
+            Head::Score(l) => Head::Score(detach_linear(l)),
+        };
+        Decoder { body: self.body.detach(), head, cfg: self.cfg.clone() }
     }
 
     pub fn body(&self) -> &DecoderBody {

@@ -32,6 +32,7 @@ pub mod decoder;
 pub mod digest_cache;
 pub mod error;
 pub mod fixture;
+mod fused;
 pub mod generate;
 mod gguf;
 pub mod model;

@@ -2,6 +2,7 @@
 //! engine's stages call — tokenization per DESIGN §4, teacher-forced
 //! log-probs, hidden-state sums for CHES, reward scores and generation.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -442,11 +443,12 @@ impl Model {
         self.require_head("logprobs", true)?;
         let seqs = self.pair_sequences(batch)?;
         let mut out = vec![0f64; batch.len()];
+        let decoder = self.inference_decoder();
         for group in micro_batches(&seqs) {
             let rows: Vec<Vec<u32>> = group.iter().map(|&i| seqs[i].clone()).collect();
             let split: Vec<(usize, usize)> = group.iter().map(|&i| (batch[i].0.len(), batch[i].1.len())).collect();
             let padded = PaddedBatch::right_padded(&rows, self.pad_id, &self.device)?;
-            let tok = self.decoder.response_token_logps(&padded, &split)?.to_vec1::<f32>()?;
+            let tok = decoder.response_token_logps(&padded, &split)?.to_vec1::<f32>()?;
             let mut at = 0;
             for (&i, &(_, r)) in group.iter().zip(&split) {
                 out[i] = tok[at..at + r].iter().map(|&x| f64::from(x)).sum();
@@ -463,11 +465,12 @@ impl Model {
     pub fn hidden_sums(&self, batch: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<Vec<f32>>> {
         let seqs = self.pair_sequences(batch)?;
         let mut out = vec![vec![]; batch.len()];
+        let decoder = self.inference_decoder();
         for group in micro_batches(&seqs) {
             let rows: Vec<Vec<u32>> = group.iter().map(|&i| seqs[i].clone()).collect();
             let split: Vec<(usize, usize)> = group.iter().map(|&i| (batch[i].0.len(), batch[i].1.len())).collect();
             let padded = PaddedBatch::right_padded(&rows, self.pad_id, &self.device)?;
-            let h = self.decoder.response_hidden(&padded, &split)?.to_vec2::<f32>()?;
+            let h = decoder.response_hidden(&padded, &split)?.to_vec2::<f32>()?;
             let mut at = 0;
             for (&i, &(_, r)) in group.iter().zip(&split) {
                 let mut sum = vec![0f64; self.config.hidden_size];
@@ -491,10 +494,11 @@ impl Model {
             }
         }
         let mut out = vec![vec![]; seqs.len()];
+        let decoder = self.inference_decoder();
         for group in micro_batches(seqs) {
             let rows: Vec<Vec<u32>> = group.iter().map(|&i| seqs[i].clone()).collect();
             let padded = PaddedBatch::right_padded(&rows, self.pad_id, &self.device)?;
-            let s = self.decoder.last_token_scores(&padded)?.to_vec2::<f32>()?;
+            let s = decoder.last_token_scores(&padded)?.to_vec2::<f32>()?;
             for (&i, row) in group.iter().zip(s) {
                 out[i] = row;
             }
@@ -568,8 +572,9 @@ impl Model {
         let capacity = (width + params.max_new_tokens).min(self.max_len());
         let mut cache = KvCache::with_capacity(self.config.num_hidden_layers, capacity);
         let input = Tensor::from_vec(ids, (b, width), &self.device)?;
-        let hidden = self.decoder.body().forward(&input, &q_pos, Some(&mut cache))?;
-        let mut logits = self.last_logits(&hidden)?;
+        let decoder = self.inference_decoder();
+        let hidden = decoder.body().forward(&input, &q_pos, Some(&mut cache))?;
+        let mut logits = last_logits(&decoder, &hidden)?;
         let mut active: Vec<usize> = (0..b).collect();
 
         loop {
@@ -606,8 +611,8 @@ impl Model {
             let ids: Vec<u32> = active.iter().map(|&r| *rows[r].tokens.last().unwrap_or(&self.pad_id)).collect();
             let q_pos: Vec<Option<u32>> = active.iter().map(|&r| Some((rows[r].prompt_len + rows[r].tokens.len() - 1) as u32)).collect();
             let input = Tensor::from_vec(ids, (active.len(), 1), &self.device)?;
-            let hidden = self.decoder.body().forward(&input, &q_pos, Some(&mut cache))?;
-            logits = self.last_logits(&hidden)?;
+            let hidden = decoder.body().forward(&input, &q_pos, Some(&mut cache))?;
+            logits = last_logits(&decoder, &hidden)?;
         }
 
         rows.into_iter()
@@ -626,12 +631,22 @@ impl Model {
             .collect()
     }
 
-    /// Logits `[b][vocab]` at the last column of `hidden` `[b, t, h]`.
-    fn last_logits(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let t = hidden.dim(1)?;
-        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
-        Ok(self.decoder.apply_head(&last)?.to_vec2::<f32>()?)
+    /// The decoder for numbers only: the model's own, or for a trainable
+    /// model a detached view of its weights, so nothing records a gradient
+    /// graph and the fused inference kernels run (same bits as [`Model::load`]).
+    fn inference_decoder(&self) -> Cow<'_, Decoder> {
+        match self.varmap {
+            None => Cow::Borrowed(&self.decoder),
+            Some(_) => Cow::Owned(self.decoder.detached()),
+        }
     }
+}
+
+/// Logits `[b][vocab]` at the last column of `hidden` `[b, t, h]`.
+fn last_logits(decoder: &Decoder, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let t = hidden.dim(1)?;
+    let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+    Ok(decoder.apply_head(&last)?.to_vec2::<f32>()?)
 }
 
 fn lock(varmap: &VarMap) -> Result<std::sync::MutexGuard<'_, HashMap<String, candle_core::Var>>> {
