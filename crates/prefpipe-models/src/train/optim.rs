@@ -12,15 +12,33 @@
 //! p ← p − (lr / (1 − β₁ᵗ))·m / (√v / √(1 − β₂ᵗ) + ε)
 //! ```
 //!
-//! One fused pass over host slices per tensor: candle's tensor ops would
-//! allocate a fresh tensor for each of the ~10 element-wise steps (DESIGN §10
-//! measured candle's op-by-op AdamW at 0.19× torch).
+//! One fused pass per tensor, written over the weight's own storage (an
+//! in-place op): candle's tensor ops would allocate a fresh tensor for each of
+//! the ~10 element-wise steps (DESIGN §10 measured candle's op-by-op AdamW at
+//! 0.19× torch), and a new weight tensor per step would cost a copy and a
+//! model-sized allocation. The pass runs over fixed-size chunks on the rayon
+//! pool; each element's arithmetic is independent of the split, so the result
+//! does not depend on the thread count.
+//!
+//! Gradients ([`Grads`]) stay the backward pass's own tensors: no host copy
+//! and no zeroed accumulator for the usual one micro-batch per step, and a
+//! clipping coefficient is applied inside the update (`g·c`, the f32 product
+//! `clip_grad_norm_` would have written) instead of a pass that rewrites them.
 
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::{invalid_input, Error, Result};
+
+/// Elements per unit of parallel work (256 KiB of f32): large enough that the
+/// pool's overhead is negligible, small enough to split the smallest matrix.
+const CHUNK: usize = 1 << 16;
 
 /// AdamW hyper-parameters (the learning rate comes with each step).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,27 +69,162 @@ pub fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&v))
 }
 
+/// Σx² in f64, over fixed chunks summed in order: the same bits for any
+/// number of threads.
+fn sum_squares(x: &[f32]) -> f64 {
+    let parts: Vec<f64> = x.par_chunks(CHUNK).map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()).collect();
+    parts.iter().sum()
+}
+
 /// √Σ‖gᵢ‖², accumulated in f64.
 pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
-    grads.iter().flat_map(|g| g.iter()).map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+    grads.iter().map(|g| sum_squares(g)).sum::<f64>().sqrt()
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_` scales the gradients by for a
+/// global norm `norm`: max_norm / (norm + 1e-6), capped at 1. None when
+/// nothing is scaled — the norm is within bounds, or it is not finite
+/// (`f64::min` would turn a NaN coefficient into 1): the caller must refuse
+/// to step on a non-finite norm, as the trainer does.
+pub fn clip_coef(norm: f64, max_norm: f64) -> Option<f32> {
+    let coef = max_norm / (norm + 1e-6);
+    (norm.is_finite() && coef < 1.0).then_some(coef as f32)
 }
 
 /// Scales the gradients so their global norm is at most `max_norm`, as
-/// `torch.nn.utils.clip_grad_norm_` does (coefficient max_norm / (norm + 1e-6),
-/// capped at 1). Returns the norm before clipping. A non-finite norm leaves
-/// the gradients as they are (`f64::min` would turn a NaN coefficient into 1):
-/// the caller must refuse to step on it, as the trainer does.
+/// `torch.nn.utils.clip_grad_norm_` does ([`clip_coef`]). Returns the norm
+/// before clipping; a non-finite norm leaves the gradients as they are.
 pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
     let norm = global_norm(grads);
-    if !norm.is_finite() {
-        return norm;
-    }
-    let coef = (max_norm / (norm + 1e-6)).min(1.0);
-    if coef < 1.0 {
-        let c = coef as f32;
+    if let Some(c) = clip_coef(norm, max_norm) {
         grads.iter_mut().flat_map(|g| g.iter_mut()).for_each(|x| *x *= c);
     }
     norm
+}
+
+/// One optimizer step's gradients, in [`AdamW::params`] order: each the
+/// backward pass's own tensor while one micro-batch has contributed, their
+/// sum once more have; None for a parameter no loss reached (a zero gradient).
+pub struct Grads(Vec<Option<Tensor>>);
+
+impl Grads {
+    /// √Σ‖gᵢ‖², accumulated in f64 (as [`global_norm`]).
+    pub fn norm(&self) -> Result<f64> {
+        let mut sum = 0.0;
+        for g in self.0.iter().flatten() {
+            sum += with_host(g, sum_squares)?;
+        }
+        Ok(sum.sqrt())
+    }
+}
+
+/// The scalars of one update, computed as torch does (Python floats, then
+/// cast to the tensor's f32), and the clipping factor of the gradients.
+#[derive(Debug, Clone, Copy)]
+struct Coefs {
+    decay: f32,
+    w1: f32,
+    b2: f32,
+    w2: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    /// 1 when the gradients are not clipped (`x·1 = x` exactly).
+    scale: f32,
+}
+
+/// The AdamW update of one tensor in place; returns the first weight that
+/// came out non-finite, if any.
+fn update(c: &Coefs, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) -> Option<f32> {
+    p.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .map(|(((p, m), v), g)| update_chunk(c, p, m, v, g))
+        .reduce(|| None, |a, b| a.or(b))
+}
+
+/// [`update`] on one chunk, serially.
+fn update_chunk(c: &Coefs, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) -> Option<f32> {
+    let mut finite = true;
+    for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+        let x = *p * c.decay;
+        let g = g * c.scale;
+        *m += c.w1 * (g - *m);
+        *v = *v * c.b2 + c.w2 * g * g;
+        let y = x + -c.step_size * *m / (v.sqrt() / c.bc2_sqrt + c.eps);
+        finite &= y.is_finite();
+        *p = y;
+    }
+    if finite {
+        None
+    } else {
+        p.iter().copied().find(|x| !x.is_finite())
+    }
+}
+
+/// [`update`] as an in-place candle op on a weight's storage (a contiguous
+/// f32 CPU tensor); the moments and gradient come along, borrowed.
+struct InPlace<'a> {
+    c: Coefs,
+    m: RefCell<&'a mut [f32]>,
+    v: RefCell<&'a mut [f32]>,
+    g: &'a [f32],
+    bad: Cell<Option<f32>>,
+}
+
+impl InplaceOp1 for InPlace<'_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("adamw: expected a contiguous f32 weight")
+        };
+        let bad = update(&self.c, &mut data[start..end], &mut self.m.borrow_mut(), &mut self.v.borrow_mut(), self.g);
+        self.bad.set(bad);
+        Ok(())
+    }
+}
+
+/// Updates `p` by [`update`]: in place for a contiguous f32 CPU weight, else
+/// on a host copy written back with `Var::set` (other devices and dtypes).
+fn update_var(c: &Coefs, p: &Var, m: &mut [f32], v: &mut [f32], g: &[f32]) -> Result<Option<f32>> {
+    if p.device().is_cpu() && p.dtype() == DType::F32 && p.layout().is_contiguous() {
+        let op = InPlace { c: *c, m: RefCell::new(m), v: RefCell::new(v), g, bad: Cell::new(None) };
+        p.as_tensor().inplace_op1(&op)?;
+        return Ok(op.bad.get());
+    }
+    let mut host = p.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let bad = update(c, &mut host, m, v, g);
+    p.set(&Tensor::from_vec(host, p.shape(), p.device())?.to_dtype(p.dtype())?)?;
+    Ok(bad)
+}
+
+/// An f32 slice as a safetensors tensor, serialised one tensor at a time
+/// (no copy of the whole state up front).
+struct F32View<'a> {
+    shape: Vec<usize>,
+    data: &'a [f32],
+}
+
+impl safetensors::View for F32View<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+
+    fn data_len(&self) -> usize {
+        4 * self.data.len()
+    }
 }
 
 /// AdamW over named `Var`s, with its first and second moments on the host.
@@ -98,17 +251,22 @@ impl AdamW {
         self.steps
     }
 
-    /// Zeroed gradient buffers, one per parameter.
-    pub fn zero_grads(&self) -> Vec<Vec<f32>> {
-        self.m.iter().map(|m| vec![0f32; m.len()]).collect()
+    /// No gradients yet: every one zero.
+    pub fn no_grads(&self) -> Grads {
+        Grads(vec![None; self.params.len()])
     }
 
-    /// Adds each parameter's gradient from a backward pass into `acc`
-    /// (a parameter the loss does not reach adds nothing).
-    pub fn accumulate(&self, grads: &candle_core::backprop::GradStore, acc: &mut [Vec<f32>]) -> Result<()> {
-        for ((_, p), a) in self.params.iter().zip(acc.iter_mut()) {
-            if let Some(g) = grads.get(p.as_tensor()) {
-                with_host(g, |g| a.iter_mut().zip(g).for_each(|(a, g)| *a += g))?;
+    /// Adds each parameter's gradient from a backward pass into `acc` (a
+    /// parameter the loss does not reach adds nothing). The store is consumed:
+    /// the first gradient of a parameter is kept as it is, later ones are
+    /// added to it (f32, in micro-batch order).
+    pub fn accumulate(&self, mut store: GradStore, acc: &mut Grads) -> Result<()> {
+        for ((_, p), a) in self.params.iter().zip(acc.0.iter_mut()) {
+            if let Some(g) = store.remove(p.as_tensor()) {
+                *a = Some(match a.take() {
+                    None => g,
+                    Some(sum) => (sum + g)?,
+                });
             }
         }
         Ok(())
@@ -117,53 +275,64 @@ impl AdamW {
     /// One update with learning rate `lr`; `grads[i]` belongs to `params()[i]`.
     /// A weight that would become non-finite fails the update with
     /// [`Error::NonFinite`] (its `step` is the optimizer's own count); the
-    /// optimizer is then unusable (earlier tensors may already be updated).
+    /// optimizer is then unusable (this and earlier tensors may already be updated).
     pub fn step(&mut self, grads: &[Vec<f32>], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
             return Err(invalid_input("gradients", format!("{} tensors", self.params.len()), grads.len()));
         }
+        let c = self.begin(lr, None);
+        for (i, g) in grads.iter().enumerate() {
+            self.update_one(i, &c, g)?;
+        }
+        Ok(())
+    }
+
+    /// [`AdamW::step`] on accumulated gradients, each multiplied by `clip`
+    /// first when given (the [`clip_coef`] of their norm).
+    pub fn step_grads(&mut self, grads: &Grads, clip: Option<f32>, lr: f64) -> Result<()> {
+        if grads.0.len() != self.params.len() {
+            return Err(invalid_input("gradients", format!("{} tensors", self.params.len()), grads.0.len()));
+        }
+        let c = self.begin(lr, clip);
+        for (i, g) in grads.0.iter().enumerate() {
+            match g {
+                Some(g) => with_host(g, |g| self.update_one(i, &c, g))??,
+                None => self.update_one(i, &c, &vec![0f32; self.m[i].len()])?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the update and returns its scalars.
+    fn begin(&mut self, lr: f64, clip: Option<f32>) -> Coefs {
         self.steps += 1;
         let t = self.steps as i32;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
-        // The scalars torch computes in Python floats, then casts to the tensor's f32.
-        let decay = (1.0 - lr * weight_decay) as f32;
-        let w1 = (1.0 - beta1) as f32;
-        let (b2, w2) = (beta2 as f32, (1.0 - beta2) as f32);
-        let step_size = (lr / (1.0 - beta1.powi(t))) as f32;
-        let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt() as f32;
-        let eps = eps as f32;
-        for (i, (name, p)) in self.params.iter().enumerate() {
-            let g = &grads[i];
-            let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            if g.len() != m.len() {
-                return Err(invalid_input(format!("gradient of {name}"), format!("{} values", m.len()), g.len()));
-            }
-            let (new, finite) = with_host(p.as_tensor(), |p| {
-                let mut out = Vec::with_capacity(p.len());
-                let mut finite = true;
-                for k in 0..p.len() {
-                    let x = p[k] * decay;
-                    let mk = m[k] + w1 * (g[k] - m[k]);
-                    let vk = v[k] * b2 + w2 * g[k] * g[k];
-                    m[k] = mk;
-                    v[k] = vk;
-                    let y = x + -step_size * mk / (vk.sqrt() / bc2_sqrt + eps);
-                    finite &= y.is_finite();
-                    out.push(y);
-                }
-                (out, finite)
-            })?;
-            if !finite {
-                let bad = new.iter().find(|x| !x.is_finite()).copied().unwrap_or(f32::NAN);
-                return Err(Error::NonFinite {
-                    step: self.steps,
-                    what: format!("weight `{name}` after the update"),
-                    value: bad.to_string(),
-                });
-            }
-            p.set(&Tensor::from_vec(new, p.shape(), p.device())?)?;
+        Coefs {
+            decay: (1.0 - lr * weight_decay) as f32,
+            w1: (1.0 - beta1) as f32,
+            b2: beta2 as f32,
+            w2: (1.0 - beta2) as f32,
+            step_size: (lr / (1.0 - beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
+            eps: eps as f32,
+            scale: clip.unwrap_or(1.0),
         }
-        Ok(())
+    }
+
+    /// Updates parameter `i` with gradient `g`.
+    fn update_one(&mut self, i: usize, c: &Coefs, g: &[f32]) -> Result<()> {
+        let (name, p) = &self.params[i];
+        let (m, v) = (&mut self.m[i], &mut self.v[i]);
+        if g.len() != m.len() {
+            return Err(invalid_input(format!("gradient of {name}"), format!("{} values", m.len()), g.len()));
+        }
+        match update_var(c, p, m, v, g)? {
+            None => Ok(()),
+            Some(bad) => {
+                Err(Error::NonFinite { step: self.steps, what: format!("weight `{name}` after the update"), value: bad.to_string() })
+            }
+        }
     }
 
     /// The moments as tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`, torch's names), for checkpoints.
@@ -174,6 +343,19 @@ impl AdamW {
             out.insert(format!("exp_avg_sq.{name}"), Tensor::from_slice(&self.v[i], p.shape(), &Device::Cpu)?);
         }
         Ok(out)
+    }
+
+    /// Writes [`AdamW::state`] to a safetensors file at `path`, one tensor
+    /// at a time from the moments themselves (the state is twice the
+    /// trainable weights: building it as tensors first would hold a second copy).
+    pub fn save_state(&self, path: &Path) -> Result<()> {
+        let mut views = Vec::with_capacity(2 * self.params.len());
+        for (i, (name, p)) in self.params.iter().enumerate() {
+            views.push((format!("exp_avg.{name}"), F32View { shape: p.dims().to_vec(), data: &self.m[i] }));
+            views.push((format!("exp_avg_sq.{name}"), F32View { shape: p.dims().to_vec(), data: &self.v[i] }));
+        }
+        safetensors::tensor::serialize_to_file(views, None, path)
+            .map_err(|e| Error::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
     }
 
     /// Restores moments saved by [`AdamW::state`] after `steps` updates.

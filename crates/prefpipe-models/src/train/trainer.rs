@@ -30,7 +30,7 @@ use crate::error::{invalid_input, Error, Result};
 use crate::model::Model;
 use crate::train::lora::{Lora, LoraConfig};
 use crate::train::loss::{self, List, LossOut, Stats};
-use crate::train::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
+use crate::train::optim::{clip_coef, AdamW, AdamWConfig};
 use crate::train::schedule::{LrSchedule, Schedule};
 
 /// The objective.
@@ -633,7 +633,7 @@ impl Trainer {
             Method::Lipo => idx.iter().filter(|&&i| loss::normalised_labels(&self.examples[i].rewards).is_some()).count(),
         };
         let n: usize = batches.iter().map(|b| counted(b)).sum();
-        let mut grads = self.opt.zero_grads();
+        let mut grads = self.opt.no_grads();
         let mut loss = 0.0;
         let mut stats = Stats::default();
         for idx in &batches {
@@ -654,7 +654,8 @@ impl Trainer {
             }
             let coef = Tensor::from_vec(coef.into_iter().map(|c| c as f32).collect::<Vec<f32>>(), logps.tok.dims(), logps.tok.device())?;
             let surrogate = (logps.tok * coef)?.sum_all()?;
-            self.opt.accumulate(&surrogate.backward()?, &mut grads)?;
+            // The graph (every activation) goes with `surrogate` here, before the next micro-batch's forward.
+            self.opt.accumulate(surrogate.backward()?, &mut grads)?;
         }
         // A non-finite loss, gradient or weight fails the step before anything
         // is applied or saved (a NaN norm would otherwise pass clipping as
@@ -663,21 +664,21 @@ impl Trainer {
         if !loss.is_finite() {
             return Err(non_finite("the loss", loss));
         }
-        let norm = match self.opts.max_grad_norm {
-            Some(max) => clip_grad_norm(&mut grads, max),
-            None => global_norm(&grads),
-        };
+        let norm = grads.norm()?;
         if !norm.is_finite() {
             return Err(non_finite("the gradient norm", norm));
         }
+        let clip = self.opts.max_grad_norm.and_then(|max| clip_coef(norm, max));
         let lr = self.schedule.lr(t);
         // A step with no preference at all (only all-equal lists) moves nothing.
         if n > 0 {
-            self.opt.step(&grads, lr).map_err(|e| match e {
+            self.opt.step_grads(&grads, clip, lr).map_err(|e| match e {
                 Error::NonFinite { what, value, .. } => Error::NonFinite { step: t, what, value },
                 e => e,
             })?;
         }
+        // The gradients (a model's worth) leave memory before a checkpoint is written.
+        drop(grads);
         self.step = t;
         let row = MetricsRow {
             step: t,
@@ -725,7 +726,7 @@ impl Trainer {
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         let weights: HashMap<String, Tensor> = self.opt.params().iter().map(|(k, v)| (k.clone(), v.as_detached_tensor())).collect();
         candle_core::safetensors::save(&weights, tmp.join("trainable.safetensors"))?;
-        candle_core::safetensors::save(&self.opt.state()?, tmp.join("optimizer.safetensors"))?;
+        self.opt.save_state(&tmp.join("optimizer.safetensors"))?;
         let state = State {
             fingerprint: self.fingerprint.clone(),
             step: self.step,
