@@ -35,8 +35,46 @@ pub struct RmsNorm<'a> {
     pub eps: f32,
 }
 
+/// Σ xs in the order candle's CPU reduction adds (`sum_keepdim` over a
+/// contiguous last dim, `candle_core::cpu::vec_sum` in 0.11): with AVX2, four
+/// 8-lane accumulators over blocks of 32, folded (0+1, 2+3, then those two;
+/// high half onto low; two horizontal adds), then the tail left to right;
+/// without AVX2, left to right. So a fused kernel rounds exactly as the ops
+/// it replaces and no golden moves (safe code: the workspace forbids `unsafe`).
+fn candle_sum(xs: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    if !avx2 {
+        return xs.iter().fold(0f32, |a, &x| a + x);
+    }
+    let np = xs.len() & !31;
+    let mut acc = [[0f32; 8]; 4];
+    for block in xs[..np].chunks_exact(32) {
+        for (j, reg) in acc.iter_mut().enumerate() {
+            for (l, a) in reg.iter_mut().enumerate() {
+                *a += block[j * 8 + l];
+            }
+        }
+    }
+    let lanes = |a: [f32; 8], b: [f32; 8]| std::array::from_fn::<f32, 8, _>(|l| a[l] + b[l]);
+    let x = lanes(lanes(acc[0], acc[1]), lanes(acc[2], acc[3]));
+    let t0: [f32; 4] = std::array::from_fn(|l| x[l] + x[l + 4]);
+    let mut sum = (t0[0] + t0[1]) + (t0[2] + t0[3]);
+    for &v in &xs[np..] {
+        sum += v;
+    }
+    sum
+}
+
+/// `dst = x · (1/√(mean(x²) + ε)) · w`, with `mean` as candle's `mean_keepdim`
+/// computes it (the sum times `1/n` as an affine op, not a division).
 fn rms_row(src: &[f32], weight: &[f32], eps: f32, dst: &mut [f32]) {
-    let mean = src.iter().map(|x| x * x).sum::<f32>() / src.len() as f32;
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = x * x;
+    }
+    let mean = candle_sum(&dst[..src.len()]) * ((1f64 / src.len() as f64) as f32) + 0.0;
     let inv = 1.0 / (mean + eps).sqrt();
     for ((d, &x), &w) in dst.iter_mut().zip(src).zip(weight) {
         *d = (x * inv) * w;
@@ -153,18 +191,17 @@ impl InplaceOp2 for MaskedSoftmax {
             let m = &mask[(bi * t + qi) * tk..(bi * t + qi + 1) * tk];
             let mut max = f32::NEG_INFINITY;
             for (x, &m) in row.iter_mut().zip(m) {
-                *x = *x * scale + m;
+                *x = (*x * scale + 0.0) + m;
                 max = max.max(*x);
             }
-            let mut sum = 0f32;
             for x in row.iter_mut() {
                 // exp underflows to exactly 0 below −103.97 (f32's least subnormal):
                 // skipping it there gives the same bits and keeps masked keys
                 // (≈ f32::MIN) off libm's slow underflow path.
                 let d = *x - max;
                 *x = if d < -105.0 { 0.0 } else { d.exp() };
-                sum += *x;
             }
+            let sum = candle_sum(row);
             for x in row.iter_mut() {
                 *x /= sum;
             }
@@ -213,8 +250,27 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
+    /// [`candle_sum`] is candle's own reduction, bit for bit, for lengths
+    /// around its 32-float blocks (a head dim, a hidden size, a key count).
+    #[test]
+    fn candle_sum_is_candles_reduction() {
+        for (n, seed) in [1usize, 7, 31, 32, 33, 64, 95, 100, 576, 1000].into_iter().zip(10u64..) {
+            let x = rand(&[3, n], seed);
+            let want = x.sum_keepdim(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got: Vec<f32> = x.to_vec2::<f32>().unwrap().iter().map(|r| candle_sum(r)).collect();
+            assert_eq!(got, want, "n = {n}");
+        }
+        // A hidden size past one block through the whole RMSNorm kernel.
+        let x = rand(&[4, 96], 30);
+        let w = rand(&[96], 31);
+        let inv = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
+        let want = x.broadcast_mul(&inv).unwrap().broadcast_mul(&w).unwrap();
+        let got = x.apply_op1_no_bwd(&RmsNorm { weight: &w.to_vec1::<f32>().unwrap(), eps: 1e-5 }).unwrap();
+        assert_eq!(max_diff(&got, &want), 0.0);
+    }
+
     /// Each kernel against the differentiable candle ops it replaces
-    /// (the decoder's own formulas), to float rounding.
+    /// (the decoder's own formulas), bit for bit: the fused path must not move a golden.
     #[test]
     fn kernels_equal_the_composed_ops() {
         let x = rand(&[2, 5, 3 * 8], 1);
@@ -226,7 +282,7 @@ mod tests {
         };
         let h = x.narrow(2, 8, 8).unwrap().contiguous().unwrap();
         let got = h.apply_op1_no_bwd(&RmsNorm { weight: &wv, eps: 1e-6 }).unwrap();
-        assert!(max_diff(&got, &norm(&h)) < 1e-6);
+        assert_eq!(max_diff(&got, &norm(&h)), 0.0, "bit for bit");
 
         // Heads 1..3 of a [2, 5, 3·8] projection, normed and rotated.
         let (cos, sin) = (rand(&[2, 1, 5, 8], 3), rand(&[2, 1, 5, 8], 4));
@@ -236,7 +292,7 @@ mod tests {
         let rot = Tensor::cat(&[&heads.narrow(3, 4, 4).unwrap().neg().unwrap(), &heads.narrow(3, 0, 4).unwrap()], 3).unwrap();
         let want = (heads.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap();
         assert_eq!(got.dims(), &[2, 2, 5, 8]);
-        assert!(max_diff(&got, &want) < 1e-5);
+        assert_eq!(max_diff(&got, &want), 0.0, "bit for bit");
 
         // Scores [b=2, groups=3, t=4, tk=6] with a mask that hides some keys.
         let s = rand(&[2, 3, 4, 6], 5);
@@ -246,7 +302,7 @@ mod tests {
         let want = crate::decoder::softmax_last_dim(&(&s * 0.5).unwrap().broadcast_add(&mask).unwrap()).unwrap();
         let got = s.copy().unwrap();
         got.inplace_op2(&mask, &MaskedSoftmax { scale: 0.5 }).unwrap();
-        assert!(max_diff(&got, &want) < 1e-6);
+        assert_eq!(max_diff(&got, &want), 0.0, "bit for bit");
 
         let (g, u) = (rand(&[3, 5000], 6), rand(&[3, 5000], 7));
         let want = (g.silu().unwrap() * &u).unwrap();
