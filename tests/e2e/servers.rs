@@ -29,10 +29,8 @@ fn root() -> PathBuf {
 fn venv_stamp(root: &std::path::Path) -> PathBuf {
     let script = root.join("scripts/setup-venv.sh");
     let text = std::fs::read_to_string(&script).unwrap_or_else(|e| panic!("{}: {e}", script.display()));
-    let line = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("stamp="))
-        .unwrap_or_else(|| panic!("{} has no `stamp=` line", script.display()));
+    let line =
+        text.lines().find_map(|l| l.trim().strip_prefix("stamp=")).unwrap_or_else(|| panic!("{} has no `stamp=` line", script.display()));
     PathBuf::from(line.trim())
 }
 
