@@ -10,6 +10,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prefpipe_select::{Input, SELECT};
 
 /// `prompts` × 5 samples with pseudo-random rewards (a 64-bit LCG).
+/// The generated table's columns: prompt_id, prompt, sample_idx, response, reward, logp_policy, logp_reference.
+type Columns = (Vec<String>, Vec<String>, Vec<u32>, Vec<String>, Vec<f64>, Vec<f64>, Vec<f64>);
+
 fn scored(prompts: usize) -> RecordBatch {
     let n = 5;
     let mut state = 0x2545F4914F6CDD1Du64;
@@ -17,7 +20,7 @@ fn scored(prompts: usize) -> RecordBatch {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (state >> 11) as f64 / (1u64 << 53) as f64
     };
-    let mut cols: (Vec<String>, Vec<String>, Vec<u32>, Vec<String>, Vec<f64>, Vec<f64>, Vec<f64>) = Default::default();
+    let mut cols: Columns = Default::default();
     for p in 0..prompts {
         for s in 0..n {
             cols.0.push(format!("p{p:07}"));
