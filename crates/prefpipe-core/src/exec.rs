@@ -435,27 +435,13 @@ fn run_stage(
                 // Cut into chunks of `chunk_size` prompts again, so the stages after
                 // a barrier keep resume granularity and shardability (DESIGN §13).
                 let parts = crate::rechunk::rechunk(&s.schema, &out.batches, plan.spec.chunk_size)?;
-                if parts.is_empty() {
-                    let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(0)), &s.schema, &[])?;
-                    m.chunks.insert(
-                        0,
-                        ChunkRecord { file: chunk_file_name(0), rows_in, rows_out: 0, drops: out.drops.clone(), blake3: Some(blake3) },
-                    );
-                }
                 use rayon::prelude::*;
-                let records: Vec<(usize, ChunkRecord)> = parts
+                let written = parts
                     .into_par_iter()
                     .enumerate()
-                    .map(|(c, b)| {
-                        let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, std::slice::from_ref(&b))?;
-                        let (rows_in, drops) = if c == 0 { (rows_in, out.drops.clone()) } else { (0, Default::default()) };
-                        Ok((
-                            c,
-                            ChunkRecord { file: chunk_file_name(c), rows_in, rows_out: b.num_rows() as u64, drops, blake3: Some(blake3) },
-                        ))
-                    })
-                    .collect::<Result<_>>()?;
-                m.chunks.extend(records);
+                    .map(|(c, b)| Ok((c, write_chunk(&s.schema, &dir, c, std::slice::from_ref(&b))?)))
+                    .collect::<Result<BTreeMap<_, _>>>()?;
+                m.chunks = finish_chunks(&s.schema, &dir, written, rows_in, out.drops)?;
                 // A stage with a table *and* a file outside the store (a train checkpoint).
                 if let Some(path) = &s.external {
                     let blake3 = crate::io::file_digest(path)?;
@@ -486,9 +472,7 @@ fn run_stage(
 fn run_source(s: &crate::plan::PlannedStage, cx: &RunCx, dir: &std::path::Path) -> Result<BTreeMap<usize, ChunkRecord>> {
     let write = |c: usize, batches: &[arrow::record_batch::RecordBatch]| -> Result<ChunkRecord> {
         check_schema(&s.schema, batches)?;
-        let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, batches)?;
-        let rows_out = batches.iter().map(|b| b.num_rows() as u64).sum();
-        Ok(ChunkRecord { file: chunk_file_name(c), rows_in: 0, rows_out, drops: Default::default(), blake3: Some(blake3) })
+        write_chunk(&s.schema, dir, c, batches)
     };
     let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, arrow::record_batch::RecordBatch)>(1);
     let (out, written) = std::thread::scope(|scope| {
@@ -518,12 +502,37 @@ fn run_source(s: &crate::plan::PlannedStage, cx: &RunCx, dir: &std::path::Path) 
         let _ = std::fs::remove_file(dir.join(chunk_file_name(c)));
     }
     written.retain(|&c, _| c < n);
+    finish_chunks(&s.schema, dir, written, out.rows_in, out.drops)
+}
+
+/// Writes chunk `c` of a stage into its store directory. The record counts
+/// rows out only: [`finish_chunks`] gives chunk 0 the stage's rows in and drops.
+fn write_chunk(
+    schema: &arrow::datatypes::SchemaRef,
+    dir: &std::path::Path,
+    c: usize,
+    batches: &[arrow::record_batch::RecordBatch],
+) -> Result<ChunkRecord> {
+    let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), schema, batches)?;
+    let rows_out = batches.iter().map(|b| b.num_rows() as u64).sum();
+    Ok(ChunkRecord { file: chunk_file_name(c), rows_in: 0, rows_out, drops: Default::default(), blake3: Some(blake3) })
+}
+
+/// A stage's chunk records as the manifest keeps them: a stage with no rows
+/// has one empty chunk 0, and chunk 0 carries the stage's rows in and drops.
+fn finish_chunks(
+    schema: &arrow::datatypes::SchemaRef,
+    dir: &std::path::Path,
+    mut written: BTreeMap<usize, ChunkRecord>,
+    rows_in: u64,
+    drops: BTreeMap<String, u64>,
+) -> Result<BTreeMap<usize, ChunkRecord>> {
     if written.is_empty() {
-        written.insert(0, write(0, &[])?);
+        written.insert(0, write_chunk(schema, dir, 0, &[])?);
     }
-    let first = written.get_mut(&0).expect("chunk 0");
-    first.rows_in = out.rows_in;
-    first.drops = out.drops;
+    let first = written.get_mut(&0).expect("chunk 0 was written");
+    first.rows_in = rows_in;
+    first.drops = drops;
     Ok(written)
 }
 
