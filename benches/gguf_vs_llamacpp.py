@@ -31,6 +31,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from prefpipe_run import Run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = os.path.join(ROOT, "data-samples/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0}
@@ -52,8 +54,7 @@ def run_prefpipe(binary, work, ps, n, new_tokens, threads, batch):
     with open(os.path.join(work, "prompts.jsonl"), "w") as f:
         for p in ps:
             f.write(json.dumps({"prompt": p}) + "\n")
-    with open(os.path.join(work, "bench.yaml"), "w") as f:
-        f.write(f"""name: bench
+    run = Run(binary, work, f"""name: bench
 seed: 1
 stages:
   - id: prompts
@@ -69,18 +70,9 @@ stages:
     max_new_tokens: {new_tokens}
     chat_template: true
     batch_size: {batch}
-""")
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    store = os.path.join(work, "store")
-    p = subprocess.Popen([binary, "run", "bench.yaml", "--store", store], cwd=work, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(p.stderr.read().decode())
-    st = {s["id"]: s for s in json.load(open(os.path.join(store, "run.json")))["stages"]}
-    q = subprocess.run([binary, "query", "SELECT sum(n_tokens) AS n FROM samples", "--pipeline", "bench.yaml",
-                        "--store", store, "--format", "csv"], cwd=work, capture_output=True, text=True, check=True)
-    return st["samples"]["elapsed_s"], int(q.stdout.split()[1]), ru.ru_maxrss / 1024
+""", threads)
+    tokens = int(run.query("SELECT sum(n_tokens) AS n FROM samples")[0][0])
+    return run.stages["samples"]["elapsed_s"], tokens, run.maxrss_mib
 
 
 def peak_rss_mib(pid):

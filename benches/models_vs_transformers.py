@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from prefpipe_run import Run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(ROOT, "data-samples/models/tiny-llama")
 
@@ -106,8 +108,7 @@ def run_prefpipe(binary, model_dir, work, prompts, pairs, new_tokens, batch, thr
     with open(os.path.join(work, "pairs.jsonl"), "w") as f:
         for i, (p, r) in enumerate(pairs):
             f.write(json.dumps({"prompt_id": f"q{i}", "prompt": p, "response": r}) + "\n")
-    with open(os.path.join(work, "bench.yaml"), "w") as f:
-        f.write(f"""name: bench
+    run = Run(binary, work, f"""name: bench
 chunk_size: 100000
 stages:
   - id: prompts
@@ -129,23 +130,9 @@ stages:
     input: pairs
     model: {model_dir}
     batch_size: {batch}
-""")
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    store = os.path.join(work, "store")
-    t0 = time.perf_counter()
-    p = subprocess.Popen([binary, "run", "bench.yaml", "--store", store], cwd=work, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(p.stderr.read().decode())
-    report = json.load(open(os.path.join(store, "run.json")))
-    st = {s["id"]: s for s in report["stages"]}
-    q = subprocess.run([binary, "query", "SELECT sum(n_tokens) AS n FROM gen", "--pipeline", "bench.yaml",
-                        "--store", store, "--format", "csv"], cwd=work, capture_output=True, text=True, check=True)
-    gen_tokens = int(q.stdout.split()[1])
-    q = subprocess.run([binary, "query", "SELECT count(*) AS n FROM lp", "--pipeline", "bench.yaml",
-                        "--store", store, "--format", "csv"], cwd=work, capture_output=True, text=True, check=True)
-    return st, gen_tokens, ru.ru_maxrss / 1024
+""", threads)
+    gen_tokens = int(run.query("SELECT sum(n_tokens) AS n FROM gen")[0][0])
+    return run.stages, gen_tokens, run.maxrss_mib
 
 
 def main():

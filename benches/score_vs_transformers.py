@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from prefpipe_run import Run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(ROOT, "data-samples/models/tiny-llama-rm")
 
@@ -98,8 +100,7 @@ def run_prefpipe(binary, model_dir, work, data, batch, threads):
     with open(os.path.join(work, "rows.jsonl"), "w") as f:
         for d in data:
             f.write(json.dumps(d) + "\n")
-    with open(os.path.join(work, "bench.yaml"), "w") as f:
-        f.write(f"""name: bench
+    run = Run(binary, work, f"""name: bench
 chunk_size: 100000
 stages:
   - id: rows
@@ -112,23 +113,9 @@ stages:
       - name: rm
         model: {model_dir}
     batch_size: {batch}
-""")
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    store = os.path.join(work, "store")
-    p = subprocess.Popen([binary, "run", "bench.yaml", "--store", store], cwd=work, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(p.stderr.read().decode())
-    report = json.load(open(os.path.join(store, "run.json")))
-    st = {s["id"]: s for s in report["stages"]}
-    q = subprocess.run([binary, "query", "SELECT prompt_id, reward_rm FROM scored", "--pipeline", "bench.yaml",
-                        "--store", store, "--format", "csv"], cwd=work, capture_output=True, text=True, check=True)
-    rewards = {}
-    for line in q.stdout.splitlines()[1:]:
-        pid, x = line.split(",")
-        rewards[pid] = float(x)
-    return st["scored"]["elapsed_s"], rewards, ru.ru_maxrss / 1024
+""", threads)
+    rewards = {pid: float(x) for pid, x in run.query("SELECT prompt_id, reward_rm FROM scored")}
+    return run.stages["scored"]["elapsed_s"], rewards, run.maxrss_mib
 
 
 def main():
