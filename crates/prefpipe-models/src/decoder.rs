@@ -16,10 +16,13 @@
 //! batched results equal unbatched ones up to float summation order.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use candle_nn::{Embedding, Init, VarBuilder};
 
 use crate::config::{HeadKind, ModelConfig, RopeScaling};
 use crate::fused;
+
+mod proj;
+pub use proj::Proj;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -60,22 +63,8 @@ impl RmsNorm {
     }
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> CResult<Linear> {
-    if bias {
-        candle_nn::linear(in_dim, out_dim, vb)
-    } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
-    }
-}
-
-/// A linear layer's weight and bias.
-fn linear_weights(l: &Linear) -> impl Iterator<Item = &Tensor> {
-    std::iter::once(l.weight()).chain(l.bias())
-}
-
-/// The same layer on the same storage, cut from any gradient graph.
-fn detach_linear(l: &Linear) -> Linear {
-    Linear::new(l.weight().detach(), l.bias().map(Tensor::detach))
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> CResult<Proj> {
+    Ok(if bias { candle_nn::linear(in_dim, out_dim, vb)? } else { candle_nn::linear_no_bias(in_dim, out_dim, vb)? }.into())
 }
 
 /// Rotary position embedding, "rotate half" layout (HF `apply_rotary_pos_emb`).
@@ -173,10 +162,10 @@ pub fn log_softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
 /// Grouped-query self-attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     n_heads: usize,
@@ -241,19 +230,23 @@ impl Attention {
     fn weights(&self) -> Vec<&Tensor> {
         let linears = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj];
         let norms = [&self.q_norm, &self.k_norm];
-        linears.iter().flat_map(|l| linear_weights(l)).chain(norms.iter().filter_map(|n| n.as_ref().map(|n| &n.weight))).collect()
+        linears.iter().flat_map(|l| l.tensors()).chain(norms.iter().filter_map(|n| n.as_ref().map(|n| &n.weight))).collect()
     }
 
     fn detach(&self) -> Self {
         Self {
-            q_proj: detach_linear(&self.q_proj),
-            k_proj: detach_linear(&self.k_proj),
-            v_proj: detach_linear(&self.v_proj),
-            o_proj: detach_linear(&self.o_proj),
+            q_proj: self.q_proj.detach(),
+            k_proj: self.k_proj.detach(),
+            v_proj: self.v_proj.detach(),
+            o_proj: self.o_proj.detach(),
             q_norm: self.q_norm.as_ref().map(RmsNorm::detach),
             k_norm: self.k_norm.as_ref().map(RmsNorm::detach),
             ..*self
         }
+    }
+
+    fn projs_mut(&mut self) -> [&mut Proj; 4] {
+        [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj, &mut self.o_proj]
     }
 
     /// [`Attention::forward`] with fixed weights on the CPU: the same GEMMs,
@@ -263,7 +256,7 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let n_rep = nh / nkv;
-        let heads = |proj: &Linear, n_heads, rotate, norm: &Option<RmsNorm>| {
+        let heads = |proj: &Proj, n_heads, rotate, norm: &Option<RmsNorm>| {
             let w = norm.as_ref().map(RmsNorm::host_weight).transpose()?;
             let norm = norm.as_ref().zip(w.as_deref()).map(|(n, weight)| fused::RmsNorm { weight, eps: n.eps as f32 });
             proj.forward(x)?.apply_op3_no_bwd(cos, sin, &fused::HeadsRope { first_head: 0, n_heads, head_dim: hd, rotate, norm })
@@ -285,9 +278,9 @@ impl Attention {
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
@@ -303,15 +296,18 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        if fused::applies(x, &[&self.gate_proj, &self.up_proj, &self.down_proj].iter().flat_map(|l| linear_weights(l)).collect::<Vec<_>>())
-        {
+        if fused::applies(x, &[&self.gate_proj, &self.up_proj, &self.down_proj].iter().flat_map(|l| l.tensors()).collect::<Vec<_>>()) {
             return self.down_proj.forward(&gate.apply_op2_no_bwd(&up, &fused::SiluMul)?);
         }
         self.down_proj.forward(&(gate.silu()? * up)?)
     }
 
     fn detach(&self) -> Self {
-        Self { gate_proj: detach_linear(&self.gate_proj), up_proj: detach_linear(&self.up_proj), down_proj: detach_linear(&self.down_proj) }
+        Self { gate_proj: self.gate_proj.detach(), up_proj: self.up_proj.detach(), down_proj: self.down_proj.detach() }
+    }
+
+    fn projs_mut(&mut self) -> [&mut Proj; 3] {
+        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
     }
 }
 
@@ -341,6 +337,10 @@ impl DecoderLayer {
             post_attention_layernorm: self.post_attention_layernorm.detach(),
             mlp: self.mlp.detach(),
         }
+    }
+
+    fn projs_mut(&mut self) -> impl Iterator<Item = &mut Proj> {
+        self.self_attn.projs_mut().into_iter().chain(self.mlp.projs_mut())
     }
 
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
@@ -568,9 +568,9 @@ impl PaddedBatch {
 #[derive(Debug, Clone)]
 pub enum Head {
     /// Next-token logits (`lm_head`, or the tied embedding matrix).
-    Lm(Linear),
+    Lm(Proj),
     /// Sequence-classification `score` head (no bias), read at the last real token.
-    Score(Linear),
+    Score(Proj),
 }
 
 /// A full model: body + head (HF `*ForCausalLM` / `*ForSequenceClassification`).
@@ -586,10 +586,10 @@ impl Decoder {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> CResult<Self> {
         let body = DecoderBody::new(cfg, vb.pp("model"))?;
         let head = match cfg.head {
-            HeadKind::CausalLm if cfg.tie_word_embeddings => Head::Lm(Linear::new(body.embed_tokens.embeddings().clone(), None)),
-            HeadKind::CausalLm => Head::Lm(candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?),
+            HeadKind::CausalLm if cfg.tie_word_embeddings => Head::Lm(Proj::new(body.embed_tokens.embeddings().clone(), None)),
+            HeadKind::CausalLm => Head::Lm(candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?.into()),
             HeadKind::SequenceClassification { num_labels } => {
-                Head::Score(candle_nn::linear_no_bias(cfg.hidden_size, num_labels, vb.pp("score"))?)
+                Head::Score(candle_nn::linear_no_bias(cfg.hidden_size, num_labels, vb.pp("score"))?.into())
             }
         };
         Ok(Self { body, head, cfg: cfg.clone() })
@@ -605,10 +605,30 @@ impl Decoder {
     /// model and an inference model of the same weights give the same bits.
     pub fn detached(&self) -> Decoder {
         let head = match &self.head {
-            Head::Lm(l) => Head::Lm(detach_linear(l)),
-            Head::Score(l) => Head::Score(detach_linear(l)),
+            Head::Lm(l) => Head::Lm(l.detach()),
+            Head::Score(l) => Head::Score(l.detach()),
         };
         Decoder { body: self.body.detach(), head, cfg: self.cfg.clone() }
+    }
+
+    /// The model for inference on the CPU: every projection's weight kept
+    /// `[in, out]` contiguous ([`Proj::transposed`]) — the same bits, without
+    /// gemm repacking each weight on every call. One matrix at a time, so the
+    /// peak is the weights plus one matrix; a tied head gets its own copy
+    /// (the embedding lookup keeps the `[vocab, hidden]` rows). Elsewhere
+    /// (CUDA, Metal), the model as it is.
+    pub fn into_cpu_inference(mut self) -> CResult<Decoder> {
+        if !self.body.embed_tokens.embeddings().device().is_cpu() {
+            return Ok(self);
+        }
+        let head = match &mut self.head {
+            Head::Lm(l) | Head::Score(l) => l,
+        };
+        *head = head.transposed()?;
+        for p in self.body.layers.iter_mut().flat_map(DecoderLayer::projs_mut) {
+            *p = p.transposed()?;
+        }
+        Ok(self)
     }
 
     pub fn body(&self) -> &DecoderBody {

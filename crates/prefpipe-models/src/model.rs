@@ -253,8 +253,8 @@ impl Model {
             }
             (decoder, Some(varmap))
         } else {
-            let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-            (Decoder::new(&config, vb).map_err(weights_err)?, None)
+            let decoder = Decoder::new(&config, VarBuilder::from_tensors(tensors, DType::F32, device)).map_err(weights_err)?;
+            (decoder.into_cpu_inference().map_err(weights_err)?, None)
         };
 
         // Every id the tokenizer can emit must have an embedding row.
