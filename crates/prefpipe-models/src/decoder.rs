@@ -56,6 +56,9 @@ impl RmsNorm {
             let weight = self.host_weight()?;
             return x.contiguous()?.apply_op1_no_bwd(&fused::RmsNorm { weight: &weight, eps: self.eps as f32 });
         }
+        if fused::trains(x) {
+            return x.contiguous()?.apply_op2(&self.weight, fused::RmsNormOp { eps: self.eps as f32 });
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
@@ -153,6 +156,9 @@ pub fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
 
 /// Log-softmax over the last dim from differentiable ops.
 pub fn log_softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
+    if fused::trains(x) && x.rank() > 0 {
+        return x.contiguous()?.apply_op1(fused::LogSoftmaxOp);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -200,6 +206,9 @@ impl Attention {
         if fused::applies(x, &self.weights()) {
             return self.attend_fused(x, cos, sin, mask, cache);
         }
+        if fused::trains(x) && self.q_norm.is_none() && cache.is_none() {
+            return self.attend_train_fused(x, cos, sin, mask);
+        }
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let n_rep = nh / nkv;
@@ -223,6 +232,23 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = scores.reshape((b, nkv, n_rep, t, tk))?.broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * t, tk))?;
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+
+    /// [`Attention::forward`] recording a graph on the CPU in f32: RoPE + head
+    /// layout and scale + mask + softmax as one differentiable op each, whose
+    /// backward keeps only their inputs and output (fused/grad.rs).
+    fn attend_train_fused(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> CResult<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let n_rep = nh / nkv;
+        let rope = |proj: &Proj, n_heads| proj.forward(x)?.contiguous()?.apply_op3(cos, sin, fused::RopeHeadsOp { n_heads, head_dim: hd });
+        let q = rope(&self.q_proj, nh)?;
+        let k = rope(&self.k_proj, nkv)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let scores = q.reshape((b, nkv, n_rep * t, hd))?.matmul(&k.t()?)?;
+        let probs = scores.apply_op2(&mask.contiguous()?, fused::MaskedSoftmaxOp { scale: (1.0 / (hd as f64).sqrt()) as f32 })?;
         let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
     }
@@ -298,6 +324,9 @@ impl Mlp {
         let up = self.up_proj.forward(x)?;
         if fused::applies(x, &[&self.gate_proj, &self.up_proj, &self.down_proj].iter().flat_map(|l| l.tensors()).collect::<Vec<_>>()) {
             return self.down_proj.forward(&gate.apply_op2_no_bwd(&up, &fused::SiluMul)?);
+        }
+        if fused::trains(x) {
+            return self.down_proj.forward(&gate.contiguous()?.apply_op2(&up.contiguous()?, fused::SiluMulOp)?);
         }
         self.down_proj.forward(&(gate.silu()? * up)?)
     }

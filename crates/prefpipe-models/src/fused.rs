@@ -8,10 +8,14 @@
 //! (`x·cos + rot(x)·sin`, `max`/`exp`/`sum`/`div`, `g/(1+e^−g)·u`,
 //! `x·(1/√(mean x² + ε))·w`), so results differ from the training path only
 //! by summation order. They have no backward: [`applies`] keeps them off any
-//! forward that records a graph (training, LoRA), and off non-CPU devices.
+//! forward that records a graph (training, LoRA), and off non-CPU devices;
+//! training uses their differentiable counterparts in [`grad`].
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+mod grad;
+pub use grad::{trains, LogSoftmaxOp, MaskedSoftmaxOp, RmsNormOp, RopeHeadsOp, SiluMulOp};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -184,30 +188,37 @@ impl InplaceOp2 for MaskedSoftmax {
         if l1.dims().last() != Some(&tk) || scores.len() % (b * t * tk) != 0 || mask.len() != b * t * tk {
             bail!("{}: scores {:?} vs mask {md:?}", self.name(), l1.dims());
         }
-        let per_batch = scores.len() / b / tk; // query rows of one batch row, over all heads
-        let scale = self.scale;
-        scores.par_chunks_mut(tk).enumerate().for_each(|(r, row)| {
-            let (bi, qi) = (r / per_batch, r % t);
-            let m = &mask[(bi * t + qi) * tk..(bi * t + qi + 1) * tk];
-            let mut max = f32::NEG_INFINITY;
-            for (x, &m) in row.iter_mut().zip(m) {
-                *x = (*x * scale + 0.0) + m;
-                max = max.max(*x);
-            }
-            for x in row.iter_mut() {
-                // exp underflows to exactly 0 below −103.97 (f32's least subnormal):
-                // skipping it there gives the same bits and keeps masked keys
-                // (≈ f32::MIN) off libm's slow underflow path.
-                let d = *x - max;
-                *x = if d < -105.0 { 0.0 } else { d.exp() };
-            }
-            let sum = candle_sum(row);
-            for x in row.iter_mut() {
-                *x /= sum;
-            }
-        });
+        masked_softmax(scores, mask, b, t, tk, self.scale);
         Ok(())
     }
+}
+
+/// `softmax(s · scale + mask)` over each `tk`-long row of `scores`, in place:
+/// the arithmetic of [`crate::decoder::softmax_last_dim`] on the scaled,
+/// masked scores, in candle's order. `mask` is `[b, t, tk]`; `scores` holds
+/// `b` batch rows of any number of heads × `t` query rows each.
+fn masked_softmax(scores: &mut [f32], mask: &[f32], b: usize, t: usize, tk: usize, scale: f32) {
+    let per_batch = scores.len() / b / tk; // query rows of one batch row, over all heads
+    scores.par_chunks_mut(tk).enumerate().for_each(|(r, row)| {
+        let (bi, qi) = (r / per_batch, r % t);
+        let m = &mask[(bi * t + qi) * tk..(bi * t + qi + 1) * tk];
+        let mut max = f32::NEG_INFINITY;
+        for (x, &m) in row.iter_mut().zip(m) {
+            *x = (*x * scale + 0.0) + m;
+            max = max.max(*x);
+        }
+        for x in row.iter_mut() {
+            // exp underflows to exactly 0 below −103.97 (f32's least subnormal):
+            // skipping it there gives the same bits and keeps masked keys
+            // (≈ f32::MIN) off libm's slow underflow path.
+            let d = *x - max;
+            *x = if d < -105.0 { 0.0 } else { d.exp() };
+        }
+        let sum = candle_sum(row);
+        for x in row.iter_mut() {
+            *x /= sum;
+        }
+    });
 }
 
 /// SwiGLU's product `silu(gate) · up` of two same-shaped projections.
