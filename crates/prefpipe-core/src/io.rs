@@ -340,12 +340,17 @@ fn clean(e: &arrow::error::ArrowError) -> String {
     s.lines().next().unwrap_or(&s).to_string()
 }
 
-/// blake3 of a file's bytes, hex.
+/// blake3 of a file's bytes, hex. Remembered by the file's stat in
+/// [`crate::digest_cache`]: a source's digest is part of its stage key, and
+/// hashing a 100 MB source on every `plan`, `run` and `query` was most of a
+/// second plan's time.
 pub fn file_digest(path: &Path) -> Result<String> {
-    let mut h = blake3::Hasher::new();
-    let mut f = open(path)?;
-    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
-    Ok(h.finalize().to_hex().to_string())
+    crate::digest_cache::cached("prefpipe file digest v1", &[path.to_path_buf()], || {
+        let mut h = blake3::Hasher::new();
+        let mut f = open(path)?;
+        std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
+        Ok(h.finalize().to_hex().to_string())
+    })
 }
 
 /// An empty batch for a schema.

@@ -29,7 +29,8 @@
 pub mod codec;
 pub mod config;
 pub mod decoder;
-pub mod digest_cache;
+/// Moved to prefpipe-core (source files use it too); re-exported for callers of the old path.
+pub use prefpipe_core::digest_cache;
 pub mod error;
 pub mod fixture;
 mod fused;

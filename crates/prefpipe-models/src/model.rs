@@ -129,7 +129,7 @@ impl Digest {
 
 /// blake3 (hex) of the model's config, tokenizer/generation files and weight
 /// files, without loading the model; equals [`Model::digest`]. Remembered by
-/// the files' stat in [`crate::digest_cache`], so a second plan reads no weights.
+/// the files' stat in [`prefpipe_core::digest_cache`], so a second plan reads no weights.
 pub fn model_digest(dir: &Path) -> Result<String> {
     let mut d = Digest::new();
     let files: Vec<PathBuf> = if dir.is_file() {
@@ -140,29 +140,25 @@ pub fn model_digest(dir: &Path) -> Result<String> {
         files.extend(weight_files(dir)?);
         files
     };
-    let key = crate::digest_cache::key(&files);
-    if let Some(d) = key.as_deref().and_then(crate::digest_cache::get) {
-        return Ok(d);
-    }
-    for p in files {
-        let io = |source| Error::Io { path: p.clone(), source };
-        let mut f = std::fs::File::open(&p).map_err(io)?;
-        let len = f.metadata().map_err(io)?.len();
-        d.add(&p.file_name().unwrap_or_default().to_string_lossy(), len);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).map_err(io)?;
-            if n == 0 {
-                break;
+    // "prefpipe model digest v1" is the domain the cache used before it moved
+    // to prefpipe-core: existing entries stay valid.
+    prefpipe_core::digest_cache::cached("prefpipe model digest v1", &files, || {
+        for p in &files {
+            let io = |source| Error::Io { path: p.clone(), source };
+            let mut f = std::fs::File::open(p).map_err(io)?;
+            let len = f.metadata().map_err(io)?.len();
+            d.add(&p.file_name().unwrap_or_default().to_string_lossy(), len);
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                d.0.update(&buf[..n]);
             }
-            d.0.update(&buf[..n]);
         }
-    }
-    let digest = d.0.finalize().to_hex().to_string();
-    if let Some(k) = key {
-        crate::digest_cache::put(&k, &digest);
-    }
-    Ok(digest)
+        Ok(d.0.finalize().to_hex().to_string())
+    })
 }
 
 impl Model {

@@ -1,7 +1,10 @@
-//! A cache of model digests keyed by the files' stat (DESIGN §2, run store
-//! "model digests"): every `plan`, `run` and `query` needs each model's digest for the
-//! stage keys, and re-hashing 16 GB of weights each time made a second plan
-//! of an 8B pipeline take as long as the first.
+//! A cache of file digests keyed by the files' stat (DESIGN §2, run store
+//! "model digests"): every `plan`, `run` and `query` needs each model's and
+//! each source file's digest for the stage keys, and re-hashing 16 GB of
+//! weights (or a 100 MB source) each time made a second plan take as long as
+//! the first. Each caller names a `domain` (what its digest covers, e.g. a
+//! model directory or a single file's bytes), so two digest functions over
+//! the same files never share an entry.
 //!
 //! The key is, per digested file: its canonical path, size, inode, device,
 //! mtime and ctime in nanoseconds. ctime cannot be set from user space, so a
@@ -27,11 +30,13 @@ fn cache_dir() -> Option<PathBuf> {
     Some(base.join("digests"))
 }
 
-/// The stat key of `files`, or `None` when one is unreadable or too recent.
-pub fn key(files: &[PathBuf]) -> Option<String> {
+/// The stat key of `files` for digests of kind `domain`, or `None` when one
+/// is unreadable or too recent.
+pub fn key(domain: &str, files: &[PathBuf]) -> Option<String> {
     let now = SystemTime::now();
     let mut h = blake3::Hasher::new();
-    h.update(b"prefpipe model digest v1\0");
+    h.update(domain.as_bytes());
+    h.update(&[0]);
     for p in files {
         let m = std::fs::metadata(p).ok()?;
         let canonical = std::fs::canonicalize(p).ok()?;
@@ -84,6 +89,21 @@ pub fn put(key: &str, digest: &str) {
     if std::fs::write(&tmp, digest).is_ok() && std::fs::rename(&tmp, dir.join(key)).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+}
+
+/// The digest of `files` of kind `domain`: the cached one when their stat is
+/// unchanged, else `compute()`'s, which is then cached (unless a file is in
+/// the racy window).
+pub fn cached<E>(domain: &str, files: &[PathBuf], compute: impl FnOnce() -> Result<String, E>) -> Result<String, E> {
+    let key = key(domain, files);
+    if let Some(d) = key.as_deref().and_then(get) {
+        return Ok(d);
+    }
+    let digest = compute()?;
+    if let Some(k) = key {
+        put(&k, &digest);
+    }
+    Ok(digest)
 }
 
 /// The directory entries are written to (for tests and `--help` texts).
