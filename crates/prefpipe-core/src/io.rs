@@ -340,17 +340,22 @@ fn clean(e: &arrow::error::ArrowError) -> String {
     s.lines().next().unwrap_or(&s).to_string()
 }
 
-/// blake3 of a file's bytes, hex. Remembered by the file's stat in
-/// [`crate::digest_cache`]: a source's digest is part of its stage key, and
-/// hashing a 100 MB source on every `plan`, `run` and `query` was most of a
-/// second plan's time.
+/// blake3 of a file's bytes, hex, always read from disk: what the store's
+/// integrity checks (chunks, exports) compare against their records, so a
+/// file altered without its stat changing is still caught.
 pub fn file_digest(path: &Path) -> Result<String> {
-    crate::digest_cache::cached("prefpipe file digest v1", &[path.to_path_buf()], || {
-        let mut h = blake3::Hasher::new();
-        let mut f = open(path)?;
-        std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
-        Ok(h.finalize().to_hex().to_string())
-    })
+    let mut h = blake3::Hasher::new();
+    let mut f = open(path)?;
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// [`file_digest`] of a pipeline input (a source file, a tokenizer file),
+/// remembered by the file's stat in [`crate::digest_cache`]: an input's
+/// digest is part of its stage key, and hashing a 100 MB source on every
+/// `plan`, `run` and `query` was most of a second plan's time.
+pub fn input_digest(path: &Path) -> Result<String> {
+    crate::digest_cache::cached("prefpipe file digest v1", &[path.to_path_buf()], || file_digest(path))
 }
 
 /// An empty batch for a schema.

@@ -60,7 +60,7 @@ impl ModelRef {
                 let p = dir.join(f);
                 if p.is_file() {
                     id.push(':');
-                    id.push_str(&prefpipe_core::io::file_digest(&p).map_err(|e| at(e.to_string()))?);
+                    id.push_str(&prefpipe_core::io::input_digest(&p).map_err(|e| at(e.to_string()))?);
                 }
             }
         }

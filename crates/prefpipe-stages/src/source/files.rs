@@ -145,13 +145,13 @@ impl Files {
     /// for shards, each file name and digest in read order.
     pub fn fingerprint(&self) -> Result<Vec<u8>> {
         if self.single {
-            return Ok(io::file_digest(&self.paths[0])?.into_bytes());
+            return Ok(io::input_digest(&self.paths[0])?.into_bytes());
         }
         let mut h = blake3::Hasher::new();
         for p in &self.paths {
             h.update(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
             h.update(b"\0");
-            h.update(io::file_digest(p)?.as_bytes());
+            h.update(io::input_digest(p)?.as_bytes());
             h.update(b"\n");
         }
         Ok(h.finalize().to_hex().to_string().into_bytes())
