@@ -42,7 +42,7 @@ impl RmsNorm {
         Ok(Self { weight, eps })
     }
 
-    /// The weight on the host, for the fused kernels (a few hundred floats).
+    /// The weight on the host, for [`fused::HeadsRope`]'s q/k norm (a head dim of floats).
     fn host_weight(&self) -> CResult<Vec<f32>> {
         self.weight.to_vec1::<f32>()
     }
@@ -52,12 +52,12 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let op = fused::RmsNormOp { eps: self.eps as f32 };
         if fused::applies(x, &[&self.weight]) {
-            let weight = self.host_weight()?;
-            return x.contiguous()?.apply_op1_no_bwd(&fused::RmsNorm { weight: &weight, eps: self.eps as f32 });
+            return x.contiguous()?.apply_op2_no_bwd(&self.weight, &op);
         }
         if fused::trains(x) {
-            return x.contiguous()?.apply_op2(&self.weight, fused::RmsNormOp { eps: self.eps as f32 });
+            return x.contiguous()?.apply_op2(&self.weight, op);
         }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
@@ -326,7 +326,7 @@ impl Mlp {
             return self.down_proj.forward(&gate.apply_op2_no_bwd(&up, &fused::SiluMul)?);
         }
         if fused::trains(x) {
-            return self.down_proj.forward(&gate.contiguous()?.apply_op2(&up.contiguous()?, fused::SiluMulOp)?);
+            return self.down_proj.forward(&gate.contiguous()?.apply_op2(&up.contiguous()?, fused::SiluMul)?);
         }
         self.down_proj.forward(&(gate.silu()? * up)?)
     }

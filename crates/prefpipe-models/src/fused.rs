@@ -1,4 +1,4 @@
-//! Fused CPU kernels for the inference forward pass (nothing records a gradient).
+//! Fused CPU kernels for the forward pass, f32.
 //!
 //! Why: candle runs every element-wise op single-threaded as its own pass over
 //! memory, so a teacher-forced forward spent more time in RoPE, the
@@ -7,15 +7,16 @@
 //! arithmetic of the differentiable ops it replaces, in the same order
 //! (`x·cos + rot(x)·sin`, `max`/`exp`/`sum`/`div`, `g/(1+e^−g)·u`,
 //! `x·(1/√(mean x² + ε))·w`), so results differ from the training path only
-//! by summation order. They have no backward: [`applies`] keeps them off any
-//! forward that records a graph (training, LoRA), and off non-CPU devices;
-//! training uses their differentiable counterparts in [`grad`].
+//! by summation order. [`applies`] says when an inference forward may use
+//! them (nothing records a gradient, CPU); a training forward ([`trains`])
+//! uses [`RmsNormOp`] and [`SiluMul`] with their backward, and the training
+//! ops of [`grad`] for RoPE, softmax and log-softmax.
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 mod grad;
-pub use grad::{trains, LogSoftmaxOp, MaskedSoftmaxOp, RmsNormOp, RopeHeadsOp, SiluMulOp};
+pub use grad::{trains, LogSoftmaxOp, MaskedSoftmaxOp, RopeHeadsOp};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -33,7 +34,8 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]
     }
 }
 
-/// RMSNorm over the last dim: `x · (1/√(mean(x²) + ε)) · w` (HF `LlamaRMSNorm`, f32).
+/// RMSNorm's parameters for a kernel that norms as it goes ([`HeadsRope`]'s
+/// Qwen3 q/k norm): `x · (1/√(mean(x²) + ε)) · w` (HF `LlamaRMSNorm`, f32).
 pub struct RmsNorm<'a> {
     pub weight: &'a [f32],
     pub eps: f32,
@@ -85,20 +87,39 @@ fn rms_row(src: &[f32], weight: &[f32], eps: f32, dst: &mut [f32]) {
     }
 }
 
-impl CustomOp1 for RmsNorm<'_> {
+/// RMSNorm `x · (1/√(mean(x²) + ε)) · w` over the last dim, args `(x, w)`:
+/// the inference forward (`apply_op2_no_bwd`, which reads `w` in place) and
+/// the training one (`apply_op2`, with the backward below).
+pub struct RmsNormOp {
+    pub eps: f32,
+}
+
+impl CustomOp2 for RmsNormOp {
     fn name(&self) -> &'static str {
         "prefpipe-rms-norm"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let src = f32_slice(s, l, self.name())?;
-        let n = self.weight.len();
-        if l.dims().last() != Some(&n) {
-            bail!("{}: last dim {:?} vs weight {n}", self.name(), l.dims());
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (src, weight) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, "weight")?);
+        let n = weight.len();
+        if l1.dims().last() != Some(&n) {
+            bail!("{}: last dim {:?} vs weight {n}", self.name(), l1.dims());
         }
         let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(n).zip(src.par_chunks(n)).for_each(|(d, s)| rms_row(s, self.weight, self.eps, d));
-        Ok((CpuStorage::F32(dst), l.shape().clone()))
+        dst.par_chunks_mut(n).zip(src.par_chunks(n)).for_each(|(d, s)| rms_row(s, weight, self.eps, d));
+        Ok((CpuStorage::F32(dst), l1.shape().clone()))
+    }
+
+    /// With `r = 1/√(mean(x²) + ε)` per row and `gw = g ⊙ w`:
+    /// `∂x = r·gw − x·r³·(gw·x)/n` and `∂w = Σ_rows g ⊙ x·r`.
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (x, g) = (x.contiguous()?, g.contiguous()?);
+        let n = w.dim(0)?;
+        let rows = x.elem_count() / n;
+        let flat = x.apply_op3_no_bwd(w, &g, &grad::RmsNormBwd { eps: self.eps })?;
+        let dx = flat.narrow(0, 0, rows * n)?.reshape(x.shape())?;
+        let dw = flat.narrow(0, rows * n, rows.div_ceil(grad::ROW_BLOCK) * n)?.reshape(((), n))?.sum(0)?;
+        Ok((Some(dx), Some(dw)))
     }
 }
 
@@ -221,7 +242,8 @@ fn masked_softmax(scores: &mut [f32], mask: &[f32], b: usize, t: usize, tk: usiz
     });
 }
 
-/// SwiGLU's product `silu(gate) · up` of two same-shaped projections.
+/// SwiGLU's product `silu(gate) · up` of two same-shaped projections, for
+/// inference (`apply_op2_no_bwd`) and training (`apply_op2`).
 pub struct SiluMul;
 
 impl CustomOp2 for SiluMul {
@@ -243,6 +265,13 @@ impl CustomOp2 for SiluMul {
         });
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
+
+    /// With `σ = 1/(1+e^−g)`: `∂gate = grad·u·σ·(1 + g·(1−σ))`, `∂up = grad·g·σ`.
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let flat = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &g.contiguous()?, &grad::SiluMulBwd)?;
+        let n = gate.elem_count();
+        Ok((Some(flat.narrow(0, 0, n)?.reshape(gate.shape())?), Some(flat.narrow(0, n, n)?.reshape(gate.shape())?)))
+    }
 }
 
 #[cfg(test)]
@@ -250,7 +279,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, D};
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
+    /// Uniform values in [−2, 2) from a seeded stream (the kernels' test inputs).
+    pub(super) fn rand(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n = shape.iter().product();
@@ -276,7 +306,7 @@ mod tests {
         let w = rand(&[96], 31);
         let inv = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
         let want = x.broadcast_mul(&inv).unwrap().broadcast_mul(&w).unwrap();
-        let got = x.apply_op1_no_bwd(&RmsNorm { weight: &w.to_vec1::<f32>().unwrap(), eps: 1e-5 }).unwrap();
+        let got = x.apply_op2_no_bwd(&w, &RmsNormOp { eps: 1e-5 }).unwrap();
         assert_eq!(max_diff(&got, &want), 0.0);
     }
 
@@ -292,7 +322,7 @@ mod tests {
             x.broadcast_mul(&inv).unwrap().broadcast_mul(&w).unwrap()
         };
         let h = x.narrow(2, 8, 8).unwrap().contiguous().unwrap();
-        let got = h.apply_op1_no_bwd(&RmsNorm { weight: &wv, eps: 1e-6 }).unwrap();
+        let got = h.apply_op2_no_bwd(&w, &RmsNormOp { eps: 1e-6 }).unwrap();
         assert_eq!(max_diff(&got, &norm(&h)), 0.0, "bit for bit");
 
         // Heads 1..3 of a [2, 5, 3·8] projection, normed and rotated.

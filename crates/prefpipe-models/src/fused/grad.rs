@@ -1,16 +1,18 @@
-//! Differentiable fused CPU ops for the training forward (f32, CPU).
+//! Backward kernels for training on the CPU in f32.
 //!
 //! Why: candle's autograd keeps every intermediate of a composite op until
 //! backward (RMSNorm alone is seven tensors per layer, softmax five), and each
 //! is a fresh single-threaded pass over memory — a DPO step spent more time in
-//! those element-wise passes and page faults than PyTorch. Each op here runs
-//! the forward kernel of [`super`] (same arithmetic, same bits as the composite
-//! ops) and comes with its own backward that keeps only its inputs and output
-//! (candle's graph holds those anyway): one pass forward, one pass backward.
-//! Backward sums in a fixed order (per row, or per fixed block of rows), so
-//! gradients do not depend on the thread count.
+//! those element-wise passes and page faults than PyTorch. The fused forward
+//! kernels of [`super`] (same arithmetic, same bits as the composite ops) get
+//! a backward that keeps only their inputs and output (candle's graph holds
+//! those anyway): one pass forward, one pass backward. [`super::RmsNormOp`]
+//! and [`super::SiluMul`] carry theirs (the kernels below); softmax (an
+//! in-place op for inference), log-softmax and RoPE + head layout have
+//! training ops here. Backward sums in a fixed order (per row, or per fixed
+//! block of rows), so gradients do not depend on the thread count.
 
-use super::{f32_slice, masked_softmax, rms_row, HeadsRope};
+use super::{f32_slice, masked_softmax, HeadsRope};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -23,45 +25,11 @@ pub fn trains(x: &Tensor) -> bool {
 
 /// Rows per block whose RMSNorm weight-gradient partial is summed in one
 /// piece: fixed, so the sum order (and the bits) never depend on threads.
-const ROW_BLOCK: usize = 32;
-
-/// RMSNorm `x · (1/√(mean(x²) + ε)) · w` over the last dim, args `(x, w)`.
-pub struct RmsNormOp {
-    pub eps: f32,
-}
-
-impl CustomOp2 for RmsNormOp {
-    fn name(&self) -> &'static str {
-        "prefpipe-rms-norm-train"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (src, weight) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, "weight")?);
-        let n = weight.len();
-        if l1.dims().last() != Some(&n) {
-            bail!("{}: last dim {:?} vs weight {n}", self.name(), l1.dims());
-        }
-        let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(n).zip(src.par_chunks(n)).for_each(|(d, s)| rms_row(s, weight, self.eps, d));
-        Ok((CpuStorage::F32(dst), l1.shape().clone()))
-    }
-
-    /// With `r = 1/√(mean(x²) + ε)` per row and `gw = g ⊙ w`:
-    /// `∂x = r·gw − x·r³·(gw·x)/n` and `∂w = Σ_rows g ⊙ x·r`.
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (x, g) = (x.contiguous()?, g.contiguous()?);
-        let n = w.dim(0)?;
-        let rows = x.elem_count() / n;
-        let flat = x.apply_op3_no_bwd(w, &g, &RmsNormBwd { eps: self.eps })?;
-        let dx = flat.narrow(0, 0, rows * n)?.reshape(x.shape())?;
-        let dw = flat.narrow(0, rows * n, rows.div_ceil(ROW_BLOCK) * n)?.reshape(((), n))?.sum(0)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
+pub(super) const ROW_BLOCK: usize = 32;
 
 /// RMSNorm's backward: `(x, w, g)` → flat `[∂x ; one ∂w partial per ROW_BLOCK rows]`.
-struct RmsNormBwd {
-    eps: f32,
+pub(super) struct RmsNormBwd {
+    pub(super) eps: f32,
 }
 
 impl CustomOp3 for RmsNormBwd {
@@ -102,28 +70,8 @@ impl CustomOp3 for RmsNormBwd {
     }
 }
 
-/// SwiGLU's `silu(gate) · up`, args `(gate, up)`.
-pub struct SiluMulOp;
-
-impl CustomOp2 for SiluMulOp {
-    fn name(&self) -> &'static str {
-        "prefpipe-silu-mul-train"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        super::SiluMul.cpu_fwd(s1, l1, s2, l2)
-    }
-
-    /// With `σ = 1/(1+e^−g)`: `∂gate = grad·u·σ·(1 + g·(1−σ))`, `∂up = grad·g·σ`.
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let flat = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &g.contiguous()?, &SiluMulBwd)?;
-        let n = gate.elem_count();
-        Ok((Some(flat.narrow(0, 0, n)?.reshape(gate.shape())?), Some(flat.narrow(0, n, n)?.reshape(gate.shape())?)))
-    }
-}
-
 /// SwiGLU's backward: `(gate, up, grad)` → flat `[∂gate ; ∂up]`.
-struct SiluMulBwd;
+pub(super) struct SiluMulBwd;
 
 impl CustomOp3 for SiluMulBwd {
     fn name(&self) -> &'static str {
@@ -343,14 +291,8 @@ impl CustomOp3 for RopeHeadsBwd {
 mod tests {
     use super::*;
     use crate::decoder::{log_softmax_last_dim, softmax_last_dim};
+    use crate::fused::tests::rand;
     use candle_core::{Device, Var, D};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n = shape.iter().product();
-        Tensor::from_vec((0..n).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
-    }
 
     /// Gradients of `Σ f(vars) ⊙ r` (a random upstream gradient `r`, so every
     /// element's weight differs and a wrong sign or dropped term shows).
@@ -391,7 +333,7 @@ mod tests {
         let vars = [var(&[3, 25, 40], 1), var(&[40], 2)];
         check(
             &vars,
-            |v| v[0].apply_op2(&v[1], RmsNormOp { eps: 1e-5 }).unwrap(),
+            |v| v[0].apply_op2(&v[1], crate::fused::RmsNormOp { eps: 1e-5 }).unwrap(),
             |v| {
                 let inv = (v[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
                 v[0].broadcast_mul(&inv).unwrap().broadcast_mul(&v[1]).unwrap()
@@ -402,7 +344,7 @@ mod tests {
     #[test]
     fn silu_mul_grad_equals_composite() {
         let vars = [var(&[3, 5000], 3), var(&[3, 5000], 4)];
-        check(&vars, |v| v[0].apply_op2(&v[1], SiluMulOp).unwrap(), |v| (v[0].silu().unwrap() * &v[1]).unwrap());
+        check(&vars, |v| v[0].apply_op2(&v[1], crate::fused::SiluMul).unwrap(), |v| (v[0].silu().unwrap() * &v[1]).unwrap());
     }
 
     /// Scores [b=2, groups=3, rows=2·4, tk=4] (two heads per group) with a causal-style mask.
