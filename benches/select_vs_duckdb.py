@@ -206,18 +206,21 @@ def main():
             """).replace("{params}", PIPELINE_PARAMS[args.strategy]))
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    pp_times, pp_rss = [], []
+    sql = DUCKDB_SQL[args.strategy].format(data=data, out=os.path.join(work, "duckdb-out.parquet"))
+    script = f"import duckdb; con = duckdb.connect(); con.execute('SET threads={args.threads}'); con.execute({sql!r})"
+    # The data file was just written: flush it so its writeback does not land on
+    # whichever tool runs first, and alternate the tools so drift in the
+    # machine's state (page cache, other load) falls on both alike.
+    os.sync()
+    pp_times, pp_rss, dk_times, dk_rss = [], [], [], []
     for _ in range(args.runs):
         store = os.path.join(work, "store")
         shutil.rmtree(store, ignore_errors=True)
+        os.sync()
         t, rss = timed([args.prefpipe, "run", pipeline, "--store", store], env)
         pp_times.append(t)
         pp_rss.append(rss)
-
-    sql = DUCKDB_SQL[args.strategy].format(data=data, out=os.path.join(work, "duckdb-out.parquet"))
-    script = f"import duckdb; con = duckdb.connect(); con.execute('SET threads={args.threads}'); con.execute({sql!r})"
-    dk_times, dk_rss = [], []
-    for _ in range(args.runs):
+        os.sync()
         t, rss = timed([sys.executable, "-c", script])
         dk_times.append(t)
         dk_rss.append(rss)

@@ -224,3 +224,95 @@ fn corrupt_or_missing_chunks_are_recomputed() {
     let o = prefpipe(dir.path(), &["run", "pipeline.yaml"]);
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
 }
+
+/// The manifest of stage `id`.
+fn manifest(dir: &Path, id: &str) -> serde_json::Value {
+    let m = chunk_files(dir, id)[0].parent().unwrap().join("manifest.json");
+    serde_json::from_slice(&std::fs::read(m).unwrap()).unwrap()
+}
+
+/// `scored.parquet` of [`SMALL`], with prompt `q000000`'s last sample moved to
+/// the end when `ungrouped`: the source then starts over with a whole-table
+/// read after streaming some chunks.
+fn write_source(dir: &Path, ungrouped: bool) {
+    let p = dir.join("scored.parquet");
+    write_scored(&p, 60, 5);
+    if ungrouped {
+        let b = crate::common::read(&p).remove(0);
+        let order: Vec<u32> = (0..b.num_rows() as u32).filter(|&r| r != 4).chain([4]).collect();
+        let idx = arrow::array::UInt32Array::from(order);
+        let cols = b.columns().iter().map(|c| arrow::compute::take(c, &idx, None).unwrap()).collect();
+        let b = arrow::record_batch::RecordBatch::try_new(b.schema(), cols).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&p).unwrap(), b.schema(), None).unwrap();
+        w.write(&b).unwrap();
+        w.close().unwrap();
+    }
+}
+
+/// A select right after a source runs chunk by chunk beside it (each chunk
+/// recorded with the blake3 of the source chunk it read) and writes the
+/// store a source-then-select run writes: the same chunk bytes, records and
+/// export — also when the source starts over because its table is not
+/// grouped by prompt, which leaves the select to its usual run.
+#[test]
+fn a_select_run_beside_its_source_writes_what_a_run_after_it_writes() {
+    for ungrouped in [false, true] {
+        let beside = tempfile::tempdir().unwrap();
+        write_source(beside.path(), ungrouped);
+        std::fs::write(beside.path().join("pipeline.yaml"), SMALL).unwrap();
+        ok(prefpipe(beside.path(), &["run", "pipeline.yaml"]));
+        let after = tempfile::tempdir().unwrap();
+        write_source(after.path(), ungrouped);
+        std::fs::write(after.path().join("pipeline.yaml"), SMALL).unwrap();
+        ok(prefpipe(after.path(), &["run", "pipeline.yaml", "--until", "scored"]));
+        ok(prefpipe(after.path(), &["run", "pipeline.yaml"]));
+
+        let bytes = |dir: &Path, id: &str| chunk_files(dir, id).iter().map(|p| std::fs::read(p).unwrap()).collect::<Vec<_>>();
+        for id in ["scored", "pairs"] {
+            assert_eq!(bytes(beside.path(), id), bytes(after.path(), id), "{id} chunks, ungrouped: {ungrouped}");
+        }
+        assert_eq!(std::fs::read(beside.path().join("pairs.parquet")).unwrap(), std::fs::read(after.path().join("pairs.parquet")).unwrap());
+        let (mb, ma) = (manifest(beside.path(), "pairs"), manifest(after.path(), "pairs"));
+        let source = manifest(beside.path(), "scored");
+        for (c, rec) in mb["chunks"].as_object().unwrap() {
+            let want = &ma["chunks"][c];
+            for k in ["file", "rows_in", "rows_out", "drops", "blake3"] {
+                assert_eq!(rec.get(k), want.get(k), "chunk {c} {k}, ungrouped: {ungrouped}");
+            }
+            assert!(want.get("input").is_none(), "a select run after its source records no input");
+            if !ungrouped {
+                assert_eq!(rec["input"], source["chunks"][c]["blake3"], "chunk {c} names the source chunk it read");
+            }
+        }
+        assert_eq!((mb["n_chunks"].clone(), mb["complete"].clone()), (ma["n_chunks"].clone(), ma["complete"].clone()));
+        // Cached on the next run, with nothing to say.
+        let o = prefpipe(beside.path(), &["run", "pipeline.yaml", "--log-format", "json"]);
+        assert_eq!(stderr(&o).matches("\"status\":\"cached\"").count(), 6, "{}", stderr(&o));
+    }
+}
+
+/// A select chunk recorded beside its source is computed again when the
+/// source chunk it read comes out different on the next run (here: its
+/// record names another blake3, as a source that read other bytes would).
+#[test]
+fn a_chunk_whose_source_chunk_changed_is_computed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    write_source(dir.path(), false);
+    std::fs::write(dir.path().join("pipeline.yaml"), SMALL).unwrap();
+    ok(prefpipe(dir.path(), &["run", "pipeline.yaml"]));
+    let pairs = chunk_files(dir.path(), "pairs");
+    let before = std::fs::read(&pairs[3]).unwrap();
+    let mpath = pairs[3].parent().unwrap().join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["chunks"]["3"]["input"] = "0".repeat(64).into();
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    std::fs::remove_file(&pairs[3]).unwrap();
+    std::fs::write(&pairs[3], b"not this chunk").unwrap();
+    let o = prefpipe(dir.path(), &["run", "pipeline.yaml", "--log-format", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("warning"), "not a damaged chunk: {}", stderr(&o));
+    assert_eq!(std::fs::read(&pairs[3]).unwrap(), before);
+    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(".prefpipe/run.json")).unwrap()).unwrap();
+    let status: Vec<&str> = run["stages"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap()).collect();
+    assert_eq!(status, ["cached", "resumed", "cached"], "{run}");
+}

@@ -188,9 +188,42 @@ fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Repo
             deferred[i] = true;
             continue;
         }
+        if manifests[i].is_some() {
+            // Run beside the source before it ([`follower`]).
+            continue;
+        }
         let t0 = Instant::now();
         let devices = Mutex::new(BTreeSet::new());
-        match run_stage(plan, store, i, &manifests, reporter, &devices) {
+        // The next stage, run chunk by chunk beside a source.
+        let next = follower(plan, store, i, &selected)?;
+        let next_devices = Mutex::new(BTreeSet::new());
+        let next_t0 = std::sync::OnceLock::new();
+        let next_scratch = next.map(|j| scratch_dir(store, &plan.stages[j])).transpose()?;
+        let quiet = |_: u64, _: u64| {};
+        let record_device = |d: &str| {
+            next_devices.lock().expect("devices").insert(d.to_string());
+        };
+        let follow = |c: usize, input: &ChunkRecord| -> Result<ChunkRecord> {
+            next_t0.get_or_init(Instant::now);
+            let f = &plan.stages[next.expect("a follower")];
+            let scratch = next_scratch.as_deref().expect("a follower's scratch");
+            let table = Table { id: s.id.clone(), schema: s.schema.clone(), files: vec![store.stage_dir(&s.id, &s.key).join(&input.file)] };
+            let cx = run_cx(plan, store, f, scratch, c, &quiet, &record_device);
+            let rec = ChunkRecord {
+                input: input.blake3.clone(),
+                ..compute_chunk(f, &cx, &store.stage_dir(&f.id, &f.key), table, input.rows_out)?
+            };
+            store.record_chunk(&f.id, &f.key, c, &rec)?;
+            Ok(rec)
+        };
+        if let Some(j) = next {
+            // Its manifest first, so that its chunk records count on the next run.
+            let f = &plan.stages[j];
+            let m = Manifest { id: f.id.clone(), kind: f.kind.clone(), key: f.key.clone(), aligned: f.aligned, ..Default::default() };
+            store.write_manifest(&m).map_err(|e| e.in_stage(&f.id))?;
+        }
+        let mut followed = None;
+        match run_stage(plan, store, i, &manifests, reporter, &devices, next.map(|_| &follow as &Follower), &mut followed) {
             Ok(r) if r.0.status == "deferred" => {
                 reports.push(r.0);
                 deferred[i] = true;
@@ -199,6 +232,33 @@ fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Repo
                 reporter.stage_finished(&r.0);
                 reports.push(r.0);
                 manifests[i] = Some(r.1);
+                if let (Some(j), Some(chunks)) = (next, followed) {
+                    let f = &plan.stages[j];
+                    let n = chunks.len();
+                    let m = Manifest {
+                        id: f.id.clone(),
+                        kind: f.kind.clone(),
+                        key: f.key.clone(),
+                        complete: true,
+                        n_chunks: Some(n),
+                        chunks,
+                        external: None,
+                        aligned: f.aligned,
+                    };
+                    if let Err(e) = store.write_manifest(&m) {
+                        return Err(e.in_stage(&f.id));
+                    }
+                    reporter.stage_started(&f.id, &f.kind, "running", n as u64);
+                    reporter.progress(&f.id, n as u64, n as u64);
+                    let mut r = stage_report(f, &m, "ran", next_t0.get().map_or(0.0, |t| t.elapsed().as_secs_f64()));
+                    r.backend = f.stage.run_info();
+                    r.device = joined(&next_devices);
+                    reporter.stage_finished(&r);
+                    reports.push(r);
+                    manifests[j] = Some(m);
+                    release(plan, store, j, &selected, &manifests);
+                }
+                release(plan, store, i, &selected, &manifests);
             }
             Err(e) => {
                 // What the store holds of it now (finished chunks stay for the next run).
@@ -223,6 +283,37 @@ fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Repo
         }
     }
     Ok(())
+}
+
+/// Stage `s`'s `run.json` line from its manifest (no backend or device yet).
+fn stage_report(s: &crate::plan::PlannedStage, m: &Manifest, status: &str, elapsed_s: f64) -> StageReport {
+    StageReport {
+        id: s.id.clone(),
+        kind: s.kind.clone(),
+        key: s.key.clone(),
+        status: status.to_string(),
+        chunks: m.chunks.len(),
+        rows_in: m.rows_in(),
+        rows_out: m.rows_out(),
+        drops: m.drops(),
+        elapsed_s,
+        // Lexically normalised for display (`pipelines/../out/x` → `out/x`).
+        output: m.external.as_ref().map(|e| crate::stage::normalize(&e.path)),
+        backend: None,
+        dropped_columns: s.dropped_columns.clone(),
+        device: None,
+    }
+}
+
+/// Drops from [`crate::chunk_cache`] the chunks that no selected stage after
+/// `i` reads: those of `i`'s inputs and of `i` itself.
+fn release(plan: &Plan, store: &Store, i: usize, selected: &[bool], manifests: &[Option<Manifest>]) {
+    for j in plan.stages[i].inputs.iter().copied().chain([i]) {
+        let read_later = (i + 1..plan.stages.len()).any(|k| selected[k] && plan.stages[k].inputs.contains(&j) && manifests[k].is_none());
+        if let (false, Some(m)) = (read_later, &manifests[j]) {
+            store.paths(m).iter().for_each(|p| crate::chunk_cache::forget(p));
+        }
+    }
 }
 
 /// The `run.json` line of a stage a shard run leaves for later.
@@ -263,6 +354,9 @@ fn input_tables(plan: &Plan, store: &Store, i: usize, manifests: &[Option<Manife
         .collect()
 }
 
+/// Runs stage `i`. A source with a `follow`er puts the follower's records
+/// in `followed` when they are its whole output ([`run_source`]).
+#[allow(clippy::too_many_arguments)]
 fn run_stage(
     plan: &Plan,
     store: &Store,
@@ -270,6 +364,8 @@ fn run_stage(
     manifests: &[Option<Manifest>],
     reporter: &dyn Reporter,
     devices: &Mutex<BTreeSet<String>>,
+    follow: Option<&Follower>,
+    followed: &mut Option<BTreeMap<usize, ChunkRecord>>,
 ) -> Result<(StageReport, Manifest)> {
     let s = &plan.stages[i];
     let t0 = Instant::now();
@@ -293,22 +389,7 @@ fn run_stage(
             }
         }
     }
-    let report = |m: &Manifest, status: &str, t0: Instant| StageReport {
-        id: s.id.clone(),
-        kind: s.kind.clone(),
-        key: s.key.clone(),
-        status: status.to_string(),
-        chunks: m.chunks.len(),
-        rows_in: m.rows_in(),
-        rows_out: m.rows_out(),
-        drops: m.drops(),
-        elapsed_s: t0.elapsed().as_secs_f64(),
-        // Lexically normalised for display (`pipelines/../out/x` → `out/x`).
-        output: m.external.as_ref().map(|e| crate::stage::normalize(&e.path)),
-        backend: None,
-        dropped_columns: s.dropped_columns.clone(),
-        device: None,
-    };
+    let report = |m: &Manifest, status: &str, t0: Instant| stage_report(s, m, status, t0.elapsed().as_secs_f64());
     let inputs = input_tables(plan, store, i, manifests);
     let per_chunk = match s.mode {
         Mode::PerChunk => true,
@@ -321,6 +402,12 @@ fn run_stage(
     let mut repaired = false;
     let recorded: Vec<(usize, ChunkRecord)> = m.chunks.iter().map(|(c, r)| (*c, r.clone())).collect();
     for (c, rec) in recorded {
+        // Computed from an input chunk that has changed since (a source that read differently).
+        if rec.input.is_some() && (!per_chunk || inputs[0].1.chunks.get(&c).and_then(|r| r.blake3.as_ref()) != rec.input.as_ref()) {
+            m.chunks.remove(&c);
+            m.complete = false;
+            continue;
+        }
         if let Err(why) = store.verify_chunk(&m, &rec) {
             let redo = if per_chunk { "computing that chunk again" } else { "running the stage again" };
             reporter.warning(&s.id, &format!("stored chunk {c} ({}) {why}; {redo}", rec.file));
@@ -339,27 +426,13 @@ fn run_stage(
         reporter.stage_deferred(&s.id, &s.kind, "needs every chunk of its input; a run without --shard runs it once all shards are done");
         return Ok((deferred_report(s, m.clone()), m));
     }
-    std::fs::create_dir_all(dir.join("scratch")).map_err(|e| Error::io(&dir, e))?;
-    let scratch = dir.join("scratch");
+    let scratch = scratch_dir(store, s)?;
     let id = s.id.as_str();
     let progress = |done: u64, total: u64| reporter.progress(id, done, total);
     let record_device = |d: &str| {
         devices.lock().expect("devices").insert(d.to_string());
     };
-    let cx = |chunk| RunCx {
-        stage_id: &s.id,
-        seed: plan.spec.seed,
-        chunk,
-        chunk_size: plan.spec.chunk_size,
-        scratch: &scratch,
-        base_dir: &plan.base_dir,
-        models: &plan.models,
-        remotes: &plan.remotes,
-        store_root: &store.root,
-        stage_key: &s.key,
-        progress: &progress,
-        device: &record_device,
-    };
+    let cx = |chunk| run_cx(plan, store, s, &scratch, chunk, &progress, &record_device);
     // Only per-chunk stages resume; the others start over.
     let resumed = per_chunk && !m.chunks.is_empty();
     if per_chunk {
@@ -380,12 +453,8 @@ fn run_stage(
         // One chunk: run, write its Parquet file, then record it.
         let process = |c: usize| -> Result<(usize, ChunkRecord)> {
             let t = Table { id: input.id.clone(), schema: input.schema.clone(), files: vec![store.chunk_file(input_m, c)?] };
-            let out = s.stage.run(&cx(c), &[t])?;
-            let rows_in = if out.rows_in > 0 { out.rows_in } else { input_m.chunks.get(&c).map_or(0, |r| r.rows_out) };
-            let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
-            check_schema(&s.schema, &out.batches)?;
-            let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, &out.batches)?;
-            let rec = ChunkRecord { file: chunk_file_name(c), rows_in, rows_out, drops: out.drops, blake3: Some(blake3) };
+            let rows = input_m.chunks.get(&c).map_or(0, |r| r.rows_out);
+            let rec = compute_chunk(s, &cx(c), &dir, t, rows)?;
             store.record_chunk(&s.id, &s.key, c, &rec)?;
             let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             reporter.progress(&s.id, k, n as u64);
@@ -419,7 +488,9 @@ fn run_stage(
         reporter.stage_started(&s.id, &s.kind, "running", 1);
         m.chunks.clear();
         if s.mode == Mode::Source {
-            m.chunks = run_source(s, &cx(0), &dir)?;
+            let (chunks, f) = run_source(s, &cx(0), &dir, follow)?;
+            m.chunks = chunks;
+            *followed = f;
         } else {
             let tables: Vec<Table> =
                 inputs.iter().map(|(t, im)| Ok(Table { files: store.fetch(im)?, ..t.clone() })).collect::<Result<_>>()?;
@@ -430,7 +501,10 @@ fn run_stage(
                 let path = s.external.clone().expect("a sink names its file");
                 let blake3 = crate::io::file_digest(&path)?;
                 m.external = Some(ExternalRecord { path, blake3 });
-                m.chunks.insert(0, ChunkRecord { file: String::new(), rows_in, rows_out: rows_in, drops: out.drops, blake3: None });
+                m.chunks.insert(
+                    0,
+                    ChunkRecord { file: String::new(), rows_in, rows_out: rows_in, drops: out.drops, blake3: None, input: None },
+                );
             } else {
                 // Cut into chunks of `chunk_size` prompts again, so the stages after
                 // a barrier keep resume granularity and shardability (DESIGN §13).
@@ -465,27 +539,120 @@ fn run_stage(
     Ok((r, m))
 }
 
+/// Stage `s`'s scratch directory, created.
+fn scratch_dir(store: &Store, s: &crate::plan::PlannedStage) -> Result<PathBuf> {
+    let scratch = store.stage_dir(&s.id, &s.key).join("scratch");
+    std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
+    Ok(scratch)
+}
+
+fn run_cx<'a>(
+    plan: &'a Plan,
+    store: &'a Store,
+    s: &'a crate::plan::PlannedStage,
+    scratch: &'a std::path::Path,
+    chunk: usize,
+    progress: &'a (dyn Fn(u64, u64) + Sync),
+    device: &'a (dyn Fn(&str) + Sync),
+) -> RunCx<'a> {
+    RunCx {
+        stage_id: &s.id,
+        seed: plan.spec.seed,
+        chunk,
+        chunk_size: plan.spec.chunk_size,
+        scratch,
+        base_dir: &plan.base_dir,
+        models: &plan.models,
+        remotes: &plan.remotes,
+        store_root: &store.root,
+        stage_key: &s.key,
+        progress,
+        device,
+    }
+}
+
+/// Runs chunk `cx.chunk` of per-chunk stage `s` on `input` (whose chunk
+/// holds `input_rows` rows) and writes its Parquet file into `dir`; the
+/// caller records it.
+fn compute_chunk(s: &crate::plan::PlannedStage, cx: &RunCx, dir: &std::path::Path, input: Table, input_rows: u64) -> Result<ChunkRecord> {
+    let c = cx.chunk;
+    let out = s.stage.run(cx, &[input])?;
+    let rows_in = if out.rows_in > 0 { out.rows_in } else { input_rows };
+    let rows_out = out.batches.iter().map(|b| b.num_rows() as u64).sum();
+    check_schema(&s.schema, &out.batches)?;
+    let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), &s.schema, &out.batches)?;
+    Ok(ChunkRecord { file: chunk_file_name(c), rows_in, rows_out, drops: out.drops, blake3: Some(blake3), input: None })
+}
+
 /// Runs a source and writes the chunks it emits ([`crate::stage::Stage::run_chunks`])
 /// on a second thread while it reads the next one (at most one waits in
 /// between), so memory stays bounded by a few chunks, not the table. Chunk 0's
 /// record holds the stage's rows read and drops; no rows is one empty chunk.
-fn run_source(s: &crate::plan::PlannedStage, cx: &RunCx, dir: &std::path::Path) -> Result<BTreeMap<usize, ChunkRecord>> {
+///
+/// With a `follower` (the next stage, per chunk, see [`follower`]), a third
+/// thread runs it on each chunk as soon as the chunk is written, while the
+/// source reads on; each chunk it finishes is recorded with the blake3 of
+/// the source chunk it read, so a kill loses none of them, and one whose
+/// source chunk comes out different on a later run is computed again. Its
+/// records come back when they are the follower's whole output — every
+/// chunk of the source's last pass followed, none failed — else `None`, and
+/// the follower's usual run does what is left. A source that starts over
+/// or a follower that fails stops the following.
+fn run_source(
+    s: &crate::plan::PlannedStage,
+    cx: &RunCx,
+    dir: &std::path::Path,
+    follower: Option<&Follower>,
+) -> Result<(Chunks, Option<Chunks>)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let write = |c: usize, batches: &[arrow::record_batch::RecordBatch]| -> Result<ChunkRecord> {
         check_schema(&s.schema, batches)?;
         write_chunk(&s.schema, dir, c, batches)
     };
+    // Set when the source emits chunk 0 again, or the follower fails: what it did is not used.
+    let void = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, arrow::record_batch::RecordBatch)>(1);
-    let (out, written) = std::thread::scope(|scope| {
+    let (out, written, followed) = std::thread::scope(|scope| {
+        let (ftx, frx) = std::sync::mpsc::sync_channel::<(usize, ChunkRecord)>(1);
+        let follow = follower.map(|f| {
+            let void = &void;
+            scope.spawn(move || {
+                let mut done = BTreeMap::new();
+                for (c, input) in frx {
+                    if void.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    match f(c, &input) {
+                        Ok(rec) => {
+                            done.insert(c, rec);
+                        }
+                        // The usual run of the follower meets the error again, and reports it.
+                        Err(_) => void.store(true, Ordering::SeqCst),
+                    }
+                }
+                done
+            })
+        });
+        let ftx = follower.map(|_| ftx);
         let writer = scope.spawn(move || -> Result<BTreeMap<usize, ChunkRecord>> {
             let mut written = BTreeMap::new();
             for (c, b) in rx {
-                written.insert(c, write(c, std::slice::from_ref(&b))?);
+                let rec = write(c, std::slice::from_ref(&b))?;
+                drop(b);
+                if let Some(ftx) = &ftx {
+                    // A follower that stopped leaves the chunks to the usual run.
+                    let _ = ftx.send((c, rec.clone()));
+                }
+                written.insert(c, rec);
             }
             Ok(written)
         });
         // Chunks of the last pass, and of all passes (a source may start over from chunk 0).
         let (mut pass, mut emitted) = (0usize, 0usize);
         let out = s.stage.run_chunks(cx, &mut |c, b| {
+            if c == 0 && emitted > 0 {
+                void.store(true, Ordering::SeqCst);
+            }
             pass = if c == 0 { 1 } else { pass.max(c + 1) };
             emitted = emitted.max(c + 1);
             // A closed channel means the writer failed; its error is the one returned.
@@ -493,16 +660,55 @@ fn run_source(s: &crate::plan::PlannedStage, cx: &RunCx, dir: &std::path::Path) 
         });
         drop(tx);
         let written = writer.join().expect("the chunk writer does not panic");
-        (out, written.map(|w| (w, pass, emitted)))
+        let followed = follow.map(|h| h.join().expect("the follower does not panic"));
+        (out, written.map(|w| (w, pass, emitted)), followed)
     });
     let (mut written, n, emitted) = written?;
     let out = out?;
     // A source that started over may emit fewer chunks the second time: the leftovers are not its output.
     for c in n..emitted {
-        let _ = std::fs::remove_file(dir.join(chunk_file_name(c)));
+        let path = dir.join(chunk_file_name(c));
+        crate::chunk_cache::forget(&path);
+        let _ = std::fs::remove_file(path);
     }
     written.retain(|&c, _| c < n);
-    finish_chunks(&s.schema, dir, written, out.rows_in, out.drops)
+    let chunks = finish_chunks(&s.schema, dir, written, out.rows_in, out.drops)?;
+    // The follower's whole output: one chunk per source chunk, each from the chunk as it stands.
+    let followed = followed.filter(|f| {
+        f.len() == chunks.len()
+            && f.iter().zip(&chunks).all(|((a, rec), (b, input))| a == b && rec.input.is_some() && rec.input == input.blake3)
+    });
+    Ok((chunks, followed))
+}
+
+/// A stage's chunk records by chunk index.
+type Chunks = BTreeMap<usize, ChunkRecord>;
+
+/// Runs chunk `c` of the stage that follows a source on the source's chunk
+/// `c` just written (its record, not written yet, is given), writes the
+/// chunk's file and records it with its input's blake3.
+type Follower<'a> = dyn Fn(usize, &ChunkRecord) -> Result<ChunkRecord> + Sync + 'a;
+
+/// The stage that may run chunk by chunk beside source `i` ([`run_source`]):
+/// the next stage in the plan, when it reads `i` alone, per chunk, is a
+/// cheap CPU stage ([`crate::stage::Stage::parallel_chunks`]), and neither
+/// has anything stored yet; not in a `--shard` run or on an object store.
+fn follower(plan: &Plan, store: &Store, i: usize, selected: &[bool]) -> Result<Option<usize>> {
+    let (s, j) = (&plan.stages[i], i + 1);
+    let Some(f) = plan.stages.get(j) else { return Ok(None) };
+    let per_chunk = match f.mode {
+        Mode::PerChunk => true,
+        Mode::PerPrompt => s.aligned,
+        _ => false,
+    };
+    if s.mode != Mode::Source || !selected[j] || f.inputs != [i] || !per_chunk || !f.stage.parallel_chunks() {
+        return Ok(None);
+    }
+    if store.shard().is_some() || store.remote().is_some() {
+        return Ok(None);
+    }
+    let fresh = store.manifest(&s.id, &s.key)?.is_none() && store.manifest(&f.id, &f.key)?.is_none();
+    Ok(fresh.then_some(j))
 }
 
 /// Writes chunk `c` of a stage into its store directory. The record counts
@@ -515,7 +721,7 @@ fn write_chunk(
 ) -> Result<ChunkRecord> {
     let blake3 = crate::io::write_store_chunk(&dir.join(chunk_file_name(c)), schema, batches)?;
     let rows_out = batches.iter().map(|b| b.num_rows() as u64).sum();
-    Ok(ChunkRecord { file: chunk_file_name(c), rows_in: 0, rows_out, drops: Default::default(), blake3: Some(blake3) })
+    Ok(ChunkRecord { file: chunk_file_name(c), rows_in: 0, rows_out, drops: Default::default(), blake3: Some(blake3), input: None })
 }
 
 /// A stage's chunk records as the manifest keeps them: a stage with no rows

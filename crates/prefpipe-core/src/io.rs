@@ -90,9 +90,14 @@ pub fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -
 /// Returns the blake3 (hex) of the bytes written, for the chunk's record.
 /// No min/max statistics: nothing prunes a chunk by them, and for wide text
 /// columns they cost a comparison per value and a page index per column.
+/// The chunk stays decoded in memory for the stage that reads it next
+/// ([`crate::chunk_cache`]).
 pub fn write_store_chunk(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String> {
     let props = props_builder(Compression::LZ4_RAW).set_statistics_enabled(parquet::file::properties::EnabledStatistics::None).build();
-    write_parquet_with(path, schema, batches, props)
+    let max_rows = props.max_row_group_row_count().unwrap_or(usize::MAX);
+    let digest = write_parquet_with(path, schema, batches, props)?;
+    crate::chunk_cache::put(path, schema, batches, max_rows);
+    Ok(digest)
 }
 
 /// Writes Parquet atomically; returns the blake3 (hex) of the file's bytes,
@@ -204,6 +209,9 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// Reads a whole Parquet file; row groups are decoded in parallel and
 /// returned in file order.
 pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
+    if let Some(batches) = crate::chunk_cache::take(path) {
+        return Ok(batches);
+    }
     guarded(path, || read_parquet_unguarded(path))
 }
 

@@ -5,6 +5,7 @@
 //! [`stage::Stage`]; tables are Arrow ([`table`]) persisted as Parquet ([`io`]).
 //! No candle, no DataFusion here.
 
+pub mod chunk_cache;
 pub mod digest_cache;
 pub mod error;
 pub mod exec;

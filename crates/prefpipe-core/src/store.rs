@@ -52,6 +52,12 @@ pub struct ChunkRecord {
     /// before prefpipe recorded it (those chunks are only checked to exist).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blake3: Option<String>,
+    /// blake3 of the input chunk this chunk was computed from, for a chunk
+    /// computed beside a source that was still being read (its input was
+    /// not recorded yet): a chunk whose input no longer has that blake3 is
+    /// computed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -401,7 +407,8 @@ impl Store {
         self.paths(m)
     }
 
-    fn paths(&self, m: &Manifest) -> Vec<PathBuf> {
+    /// Where the chunk files of stage `m` lie (or will, once fetched) on local disk.
+    pub(crate) fn paths(&self, m: &Manifest) -> Vec<PathBuf> {
         let dir = self.stage_dir(&m.id, &m.key);
         m.chunks.values().map(|c| dir.join(&c.file)).collect()
     }
@@ -501,6 +508,7 @@ mod tests {
             rows_out: 2,
             drops: [("tie".to_string(), 1)].into(),
             blake3: Some(blake3::hash(b"x").to_hex().to_string()),
+            input: Some(blake3::hash(b"y").to_hex().to_string()),
         };
         // A recorded chunk counts only once its Parquet file exists.
         s.record_chunk("sel", &m.key, 0, &rec).unwrap();
