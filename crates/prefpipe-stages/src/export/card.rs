@@ -141,7 +141,7 @@ fn entry(plan: &Plan, store: &Store, i: usize, c: &ExportConfig, single: bool) -
             let read = || -> Result<Option<LengthBias>> {
                 let mut batches = Vec::new();
                 for f in store.chunk_files(&m) {
-                    batches.extend(prefpipe_core::io::read_parquet(&f)?);
+                    batches.extend(prefpipe_core::io::read_parquet_columns(&f, &[tokens::CHOSEN_TOKENS, tokens::REJECTED_TOKENS])?);
                 }
                 tokens::length_bias(&batches)
             };
