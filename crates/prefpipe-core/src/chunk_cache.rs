@@ -13,13 +13,16 @@
 //! admitted while their decoded size fits [`BUDGET`] and never evicted to
 //! make room: a table larger than the budget keeps its first chunks, which
 //! the next stage reads first, rather than churning through all of them.
+//! Only the chunks of stages whose reader runs next and soon are kept
+//! ([`keep_from`]; the executor says which): a source read by a model stage
+//! would otherwise sit in memory for the whole of that stage.
 //!
 //! A hit returns what [`crate::io::read_parquet`] would decode from the
 //! file: one batch of the planned schema (a chunk is one row group read as
 //! one batch), or none for an empty chunk. A chunk written as several
 //! batches or row groups is not admitted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -53,6 +56,8 @@ struct Entry {
 struct Cache {
     entries: HashMap<PathBuf, Entry>,
     held: usize,
+    /// Directories (stages) whose chunks are admitted.
+    dirs: HashSet<PathBuf>,
 }
 
 static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
@@ -66,8 +71,16 @@ fn with<T>(f: impl FnOnce(&mut Cache) -> T) -> T {
 /// when it is one batch of at most `max_rows` rows (one row group) and fits
 /// the budget.
 pub(crate) fn put(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], max_rows: usize) {
+    if !with(|c| path.parent().is_some_and(|d| c.dirs.contains(d))) {
+        return;
+    }
     let Some(entry) = entry(path, schema, batches, max_rows) else { return };
     with(|c| c.admit(path, entry, BUDGET));
+}
+
+/// Chunks written into `dir` from now on are kept for their next reader.
+pub(crate) fn keep_from(dir: &Path) {
+    with(|c| c.dirs.insert(dir.to_path_buf()));
 }
 
 /// The decoded chunk at `path`, when this process wrote it and it has not
@@ -159,8 +172,12 @@ mod tests {
     #[test]
     fn a_hit_is_what_the_file_decodes_to_and_is_handed_out_once() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("chunk-000000.parquet");
+        // Not kept before the executor says so.
         let (schema, b) = chunk(50);
+        write_store_chunk(&dir.path().join("early.parquet"), &schema, std::slice::from_ref(&b)).unwrap();
+        assert!(take(&dir.path().join("early.parquet")).is_none());
+        keep_from(dir.path());
+        let path = dir.path().join("chunk-000000.parquet");
         // A slice, as a source cuts them: the hit must not depend on the offset.
         write_store_chunk(&path, &schema, &[b.slice(3, 40)]).unwrap();
         let hit = take(&path).expect("just written");
@@ -181,6 +198,7 @@ mod tests {
     #[test]
     fn a_changed_file_or_several_batches_are_read_from_disk() {
         let dir = tempfile::tempdir().unwrap();
+        keep_from(dir.path());
         let (p, q) = (dir.path().join("a.parquet"), dir.path().join("b.parquet"));
         let (schema, b) = chunk(20);
         write_store_chunk(&p, &schema, std::slice::from_ref(&b)).unwrap();

@@ -222,6 +222,14 @@ fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Repo
             let m = Manifest { id: f.id.clone(), kind: f.kind.clone(), key: f.key.clone(), aligned: f.aligned, ..Default::default() };
             store.write_manifest(&m).map_err(|e| e.in_stage(&f.id))?;
         }
+        // Chunks whose reader runs right after they are written stay decoded for it.
+        for k in [Some(i), next].into_iter().flatten() {
+            let r = plan.stages.get(k + 1);
+            if r.is_some_and(|r| selected[k + 1] && r.inputs.contains(&k) && (r.stage.parallel_chunks() || r.mode == Mode::Sink)) {
+                let d = &plan.stages[k];
+                crate::chunk_cache::keep_from(&store.stage_dir(&d.id, &d.key));
+            }
+        }
         let mut followed = None;
         match run_stage(plan, store, i, &manifests, reporter, &devices, next.map(|_| &follow as &Follower), &mut followed) {
             Ok(r) if r.0.status == "deferred" => {
