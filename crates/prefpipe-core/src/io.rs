@@ -217,20 +217,16 @@ pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
 
 fn read_parquet_unguarded(path: &Path) -> Result<Vec<RecordBatch>> {
     use rayon::prelude::*;
-    let unreadable = |e: parquet::errors::ParquetError| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display()));
-    let n = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(unreadable)?.metadata().num_row_groups();
+    let n = reader_builder(path)?.metadata().num_row_groups();
     let groups: Vec<Vec<RecordBatch>> = (0..n.max(1))
         .into_par_iter()
         .map(|g| {
-            let mut builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(unreadable)?;
+            let mut builder = reader_builder(path)?;
             if n > 0 {
                 let rows = batch_rows(builder.metadata().row_group(g));
                 builder = builder.with_row_groups(vec![g]).with_batch_size(rows);
             }
-            let reader = builder.build().map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
-            reader
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| Error::Input(format!("{}: corrupt Parquet data: {e}", path.display())))
+            decode(path, builder)
         })
         .collect::<Result<_>>()?;
     Ok(groups.into_iter().flatten().collect())
@@ -240,25 +236,29 @@ fn read_parquet_unguarded(path: &Path) -> Result<Vec<RecordBatch>> {
 /// order), every row group; nothing else is decoded.
 pub fn read_parquet_columns(path: &Path, names: &[&str]) -> Result<Vec<RecordBatch>> {
     guarded(path, || {
-        let unreadable = |e: parquet::errors::ParquetError| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display()));
-        let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(unreadable)?;
+        let builder = reader_builder(path)?;
         let roots: Vec<usize> =
             builder.schema().fields().iter().enumerate().filter(|(_, f)| names.contains(&f.name().as_str())).map(|(i, _)| i).collect();
         let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), roots);
-        let reader = builder.with_projection(mask).with_batch_size(64 * 1024).build().map_err(unreadable)?;
-        reader
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::Input(format!("{}: corrupt Parquet data: {e}", path.display())))
+        decode(path, builder.with_projection(mask).with_batch_size(64 * 1024))
     })
+}
+
+/// A reader of `path` (its footer read).
+fn reader_builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    ParquetRecordBatchReaderBuilder::try_new(open(path)?)
+        .map_err(|e| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display())))
+}
+
+/// Every batch `builder` reads from `path`.
+fn decode(path: &Path, builder: ParquetRecordBatchReaderBuilder<File>) -> Result<Vec<RecordBatch>> {
+    let reader = builder.build().map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::Input(format!("{}: corrupt Parquet data: {e}", path.display())))
 }
 
 /// A Parquet file's footer: its row groups and column statistics.
 pub fn parquet_metadata(path: &Path) -> Result<Arc<parquet::file::metadata::ParquetMetaData>> {
-    guarded(path, || {
-        let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
-            .map_err(|e| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display())))?;
-        Ok(builder.metadata().clone())
-    })
+    guarded(path, || Ok(reader_builder(path)?.metadata().clone()))
 }
 
 /// Whether the footer's statistics show no nulls in top-level column `name`
@@ -271,14 +271,9 @@ pub fn parquet_no_nulls(md: &parquet::file::metadata::ParquetMetaData, name: &st
 /// Row group `g` of a Parquet file, in batches of [`batch_rows`].
 pub fn read_row_group(path: &Path, g: usize) -> Result<Vec<RecordBatch>> {
     guarded(path, || {
-        let unreadable = |e: parquet::errors::ParquetError| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display()));
-        let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(unreadable)?;
+        let builder = reader_builder(path)?;
         let rows = batch_rows(builder.metadata().row_group(g));
-        let reader =
-            builder.with_batch_size(rows).with_row_groups(vec![g]).build().map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
-        reader
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::Input(format!("{}: corrupt Parquet data: {e}", path.display())))
+        decode(path, builder.with_batch_size(rows).with_row_groups(vec![g]))
     })
 }
 
@@ -295,11 +290,7 @@ fn batch_rows(rg: &parquet::file::metadata::RowGroupMetaData) -> usize {
 
 /// The schema of a Parquet file (reads the footer only).
 pub fn parquet_schema(path: &Path) -> Result<SchemaRef> {
-    guarded(path, || {
-        let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
-            .map_err(|e| Error::Input(format!("{}: not a readable Parquet file: {e}", path.display())))?;
-        Ok(builder.schema().clone())
-    })
+    guarded(path, || Ok(reader_builder(path)?.schema().clone()))
 }
 
 /// Infers the schema of a JSONL or CSV file, or reads a Parquet footer.
