@@ -195,35 +195,9 @@ fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Repo
         let t0 = Instant::now();
         let devices = Mutex::new(BTreeSet::new());
         // The next stage, run chunk by chunk beside a source.
-        let next = follower(plan, store, i, &selected)?;
-        let next_devices = Mutex::new(BTreeSet::new());
-        let next_t0 = std::sync::OnceLock::new();
-        let next_scratch = next.map(|j| scratch_dir(store, &plan.stages[j])).transpose()?;
-        let quiet = |_: u64, _: u64| {};
-        let record_device = |d: &str| {
-            next_devices.lock().expect("devices").insert(d.to_string());
-        };
-        let follow = |c: usize, input: &ChunkRecord| -> Result<ChunkRecord> {
-            next_t0.get_or_init(Instant::now);
-            let f = &plan.stages[next.expect("a follower")];
-            let scratch = next_scratch.as_deref().expect("a follower's scratch");
-            let table = Table { id: s.id.clone(), schema: s.schema.clone(), files: vec![store.stage_dir(&s.id, &s.key).join(&input.file)] };
-            let cx = run_cx(plan, store, f, scratch, c, &quiet, &record_device);
-            let rec = ChunkRecord {
-                input: input.blake3.clone(),
-                ..compute_chunk(f, &cx, &store.stage_dir(&f.id, &f.key), table, input.rows_out)?
-            };
-            store.record_chunk(&f.id, &f.key, c, &rec)?;
-            Ok(rec)
-        };
-        if let Some(j) = next {
-            // Its manifest first, so that its chunk records count on the next run.
-            let f = &plan.stages[j];
-            let m = Manifest { id: f.id.clone(), kind: f.kind.clone(), key: f.key.clone(), aligned: f.aligned, ..Default::default() };
-            store.write_manifest(&m).map_err(|e| e.in_stage(&f.id))?;
-        }
+        let beside = follower(plan, store, i, &selected)?.map(|j| Beside::start(plan, store, i, j)).transpose()?;
         // Chunks whose reader runs right after they are written stay decoded for it.
-        for k in [Some(i), next].into_iter().flatten() {
+        for k in [Some(i), beside.as_ref().map(|b| b.j)].into_iter().flatten() {
             let r = plan.stages.get(k + 1);
             if r.is_some_and(|r| selected[k + 1] && r.inputs.contains(&k) && (r.stage.parallel_chunks() || r.mode == Mode::Sink)) {
                 let d = &plan.stages[k];
@@ -231,7 +205,7 @@ fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Repo
             }
         }
         let mut followed = None;
-        match run_stage(plan, store, i, &manifests, reporter, &devices, next.map(|_| &follow as &Follower), &mut followed) {
+        match run_stage(plan, store, i, &manifests, reporter, &devices, beside.as_ref(), &mut followed) {
             Ok(r) if r.0.status == "deferred" => {
                 reports.push(r.0);
                 deferred[i] = true;
@@ -240,28 +214,9 @@ fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Repo
                 reporter.stage_finished(&r.0);
                 reports.push(r.0);
                 manifests[i] = Some(r.1);
-                if let (Some(j), Some(chunks)) = (next, followed) {
-                    let f = &plan.stages[j];
-                    let n = chunks.len();
-                    let m = Manifest {
-                        id: f.id.clone(),
-                        kind: f.kind.clone(),
-                        key: f.key.clone(),
-                        complete: true,
-                        n_chunks: Some(n),
-                        chunks,
-                        external: None,
-                        aligned: f.aligned,
-                    };
-                    if let Err(e) = store.write_manifest(&m) {
-                        return Err(e.in_stage(&f.id));
-                    }
-                    reporter.stage_started(&f.id, &f.kind, "running", n as u64);
-                    reporter.progress(&f.id, n as u64, n as u64);
-                    let mut r = stage_report(f, &m, "ran", next_t0.get().map_or(0.0, |t| t.elapsed().as_secs_f64()));
-                    r.backend = f.stage.run_info();
-                    r.device = joined(&next_devices);
-                    reporter.stage_finished(&r);
+                if let (Some(b), Some(chunks)) = (beside, followed) {
+                    let j = b.j;
+                    let (r, m) = b.finish(chunks, reporter).map_err(|e| e.in_stage(&plan.stages[j].id))?;
                     reports.push(r);
                     manifests[j] = Some(m);
                     release(plan, store, j, &selected, &manifests);
@@ -271,21 +226,10 @@ fn run_stages(plan: &Plan, store: &Store, opts: &RunOptions, reporter: &dyn Repo
             Err(e) => {
                 // What the store holds of it now (finished chunks stay for the next run).
                 let m = store.manifest(&s.id, &s.key).ok().flatten().unwrap_or_default();
-                reports.push(StageReport {
-                    id: s.id.clone(),
-                    kind: s.kind.clone(),
-                    key: s.key.clone(),
-                    status: "failed".to_string(),
-                    chunks: m.chunks.len(),
-                    rows_in: m.rows_in(),
-                    rows_out: m.rows_out(),
-                    drops: m.drops(),
-                    elapsed_s: t0.elapsed().as_secs_f64(),
-                    output: None,
-                    backend: s.stage.run_info(),
-                    dropped_columns: s.dropped_columns.clone(),
-                    device: joined(&devices),
-                });
+                let mut r = stage_report(s, &Manifest { external: None, ..m }, "failed", t0.elapsed().as_secs_f64());
+                r.backend = s.stage.run_info();
+                r.device = joined(&devices);
+                reports.push(r);
                 return Err(e.in_stage(&s.id));
             }
         }
@@ -326,21 +270,7 @@ fn release(plan: &Plan, store: &Store, i: usize, selected: &[bool], manifests: &
 
 /// The `run.json` line of a stage a shard run leaves for later.
 fn deferred_report(s: &crate::plan::PlannedStage, m: Manifest) -> StageReport {
-    StageReport {
-        id: s.id.clone(),
-        kind: s.kind.clone(),
-        key: s.key.clone(),
-        status: "deferred".to_string(),
-        chunks: m.chunks.len(),
-        rows_in: m.rows_in(),
-        rows_out: m.rows_out(),
-        drops: m.drops(),
-        elapsed_s: 0.0,
-        output: None,
-        backend: None,
-        dropped_columns: s.dropped_columns.clone(),
-        device: None,
-    }
+    stage_report(s, &Manifest { external: None, ..m }, "deferred", 0.0)
 }
 
 /// A stage's devices, `+`-joined; `None` when its models ran nowhere.
@@ -362,8 +292,8 @@ fn input_tables(plan: &Plan, store: &Store, i: usize, manifests: &[Option<Manife
         .collect()
 }
 
-/// Runs stage `i`. A source with a `follow`er puts the follower's records
-/// in `followed` when they are its whole output ([`run_source`]).
+/// Runs stage `i`. A source with a stage `beside` it puts that stage's
+/// records in `followed` when they are its whole output ([`run_source`]).
 #[allow(clippy::too_many_arguments)]
 fn run_stage(
     plan: &Plan,
@@ -372,8 +302,8 @@ fn run_stage(
     manifests: &[Option<Manifest>],
     reporter: &dyn Reporter,
     devices: &Mutex<BTreeSet<String>>,
-    follow: Option<&Follower>,
-    followed: &mut Option<BTreeMap<usize, ChunkRecord>>,
+    beside: Option<&Beside>,
+    followed: &mut Option<Chunks>,
 ) -> Result<(StageReport, Manifest)> {
     let s = &plan.stages[i];
     let t0 = Instant::now();
@@ -399,11 +329,7 @@ fn run_stage(
     }
     let report = |m: &Manifest, status: &str, t0: Instant| stage_report(s, m, status, t0.elapsed().as_secs_f64());
     let inputs = input_tables(plan, store, i, manifests);
-    let per_chunk = match s.mode {
-        Mode::PerChunk => true,
-        Mode::PerPrompt => inputs.len() == 1 && inputs[0].1.aligned,
-        _ => false,
-    };
+    let per_chunk = runs_per_chunk(s.mode, inputs.len() == 1 && inputs[0].1.aligned);
     // A stored chunk that is missing, unreadable or altered (its blake3 no
     // longer matches the record) is not done: it is computed again — only
     // it, for a per-chunk stage; the whole stage otherwise.
@@ -496,7 +422,7 @@ fn run_stage(
         reporter.stage_started(&s.id, &s.kind, "running", 1);
         m.chunks.clear();
         if s.mode == Mode::Source {
-            let (chunks, f) = run_source(s, &cx(0), &dir, follow)?;
+            let (chunks, f) = run_source(s, &cx(0), &dir, beside)?;
             m.chunks = chunks;
             *followed = f;
         } else {
@@ -597,7 +523,7 @@ fn compute_chunk(s: &crate::plan::PlannedStage, cx: &RunCx, dir: &std::path::Pat
 /// between), so memory stays bounded by a few chunks, not the table. Chunk 0's
 /// record holds the stage's rows read and drops; no rows is one empty chunk.
 ///
-/// With a `follower` (the next stage, per chunk, see [`follower`]), a third
+/// With a stage `beside` it (the next stage, per chunk, see [`follower`]), a third
 /// thread runs it on each chunk as soon as the chunk is written, while the
 /// source reads on; each chunk it finishes is recorded with the blake3 of
 /// the source chunk it read, so a kill loses none of them, and one whose
@@ -610,7 +536,7 @@ fn run_source(
     s: &crate::plan::PlannedStage,
     cx: &RunCx,
     dir: &std::path::Path,
-    follower: Option<&Follower>,
+    beside: Option<&Beside>,
 ) -> Result<(Chunks, Option<Chunks>)> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let write = |c: usize, batches: &[arrow::record_batch::RecordBatch]| -> Result<ChunkRecord> {
@@ -622,7 +548,7 @@ fn run_source(
     let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, arrow::record_batch::RecordBatch)>(1);
     let (out, written, followed) = std::thread::scope(|scope| {
         let (ftx, frx) = std::sync::mpsc::sync_channel::<(usize, ChunkRecord)>(1);
-        let follow = follower.map(|f| {
+        let follow = beside.map(|b| {
             let void = &void;
             scope.spawn(move || {
                 let mut done = BTreeMap::new();
@@ -630,7 +556,7 @@ fn run_source(
                     if void.load(Ordering::SeqCst) {
                         continue;
                     }
-                    match f(c, &input) {
+                    match b.chunk(c, &input) {
                         Ok(rec) => {
                             done.insert(c, rec);
                         }
@@ -641,7 +567,7 @@ fn run_source(
                 done
             })
         });
-        let ftx = follower.map(|_| ftx);
+        let ftx = beside.map(|_| ftx);
         let writer = scope.spawn(move || -> Result<BTreeMap<usize, ChunkRecord>> {
             let mut written = BTreeMap::new();
             for (c, b) in rx {
@@ -692,10 +618,80 @@ fn run_source(
 /// A stage's chunk records by chunk index.
 type Chunks = BTreeMap<usize, ChunkRecord>;
 
-/// Runs chunk `c` of the stage that follows a source on the source's chunk
-/// `c` just written (its record, not written yet, is given), writes the
-/// chunk's file and records it with its input's blake3.
-type Follower<'a> = dyn Fn(usize, &ChunkRecord) -> Result<ChunkRecord> + Sync + 'a;
+/// Whether a stage of `mode` runs chunk by chunk: per chunk always, per
+/// prompt when it reads one input whose chunks hold whole prompts.
+fn runs_per_chunk(mode: Mode, one_aligned_input: bool) -> bool {
+    match mode {
+        Mode::PerChunk => true,
+        Mode::PerPrompt => one_aligned_input,
+        _ => false,
+    }
+}
+
+/// Stage `j`, run chunk by chunk beside source `i` ([`run_source`]).
+struct Beside<'a> {
+    plan: &'a Plan,
+    store: &'a Store,
+    i: usize,
+    j: usize,
+    scratch: PathBuf,
+    devices: Mutex<BTreeSet<String>>,
+    /// When its first chunk started.
+    t0: std::sync::OnceLock<Instant>,
+}
+
+impl<'a> Beside<'a> {
+    /// Writes `j`'s manifest first, so that the chunk records it writes count on the next run.
+    fn start(plan: &'a Plan, store: &'a Store, i: usize, j: usize) -> Result<Beside<'a>> {
+        let f = &plan.stages[j];
+        let m = Manifest { id: f.id.clone(), kind: f.kind.clone(), key: f.key.clone(), aligned: f.aligned, ..Default::default() };
+        store.write_manifest(&m).map_err(|e| e.in_stage(&f.id))?;
+        let scratch = scratch_dir(store, f)?;
+        Ok(Beside { plan, store, i, j, scratch, devices: Mutex::new(BTreeSet::new()), t0: std::sync::OnceLock::new() })
+    }
+
+    /// Runs chunk `c` on the source's chunk `c` just written (`input`, its
+    /// record, not written yet), writes the chunk's file and records it with
+    /// its input's blake3.
+    fn chunk(&self, c: usize, input: &ChunkRecord) -> Result<ChunkRecord> {
+        self.t0.get_or_init(Instant::now);
+        let (s, f, store) = (&self.plan.stages[self.i], &self.plan.stages[self.j], self.store);
+        let table = Table { id: s.id.clone(), schema: s.schema.clone(), files: vec![store.stage_dir(&s.id, &s.key).join(&input.file)] };
+        let device = |d: &str| {
+            self.devices.lock().expect("devices").insert(d.to_string());
+        };
+        let cx = run_cx(self.plan, store, f, &self.scratch, c, &|_, _| {}, &device);
+        let rec =
+            ChunkRecord { input: input.blake3.clone(), ..compute_chunk(f, &cx, &store.stage_dir(&f.id, &f.key), table, input.rows_out)? };
+        store.record_chunk(&f.id, &f.key, c, &rec)?;
+        Ok(rec)
+    }
+
+    /// Completes the stage with `chunks`, its whole output, and reports it
+    /// (its progress comes after the source's).
+    fn finish(self, chunks: Chunks, reporter: &dyn Reporter) -> Result<(StageReport, Manifest)> {
+        let f = &self.plan.stages[self.j];
+        let n = chunks.len();
+        let m = Manifest {
+            id: f.id.clone(),
+            kind: f.kind.clone(),
+            key: f.key.clone(),
+            complete: true,
+            n_chunks: Some(n),
+            chunks,
+            external: None,
+            aligned: f.aligned,
+        };
+        self.store.write_manifest(&m)?;
+        reporter.stage_started(&f.id, &f.kind, "running", n as u64);
+        reporter.progress(&f.id, n as u64, n as u64);
+        let mut r = stage_report(f, &m, "ran", self.t0.get().map_or(0.0, |t| t.elapsed().as_secs_f64()));
+        r.backend = f.stage.run_info();
+        r.device = joined(&self.devices);
+        reporter.stage_finished(&r);
+        Ok((r, m))
+    }
+}
 
 /// The stage that may run chunk by chunk beside source `i` ([`run_source`]):
 /// the next stage in the plan, when it reads `i` alone, per chunk, is a
@@ -704,12 +700,7 @@ type Follower<'a> = dyn Fn(usize, &ChunkRecord) -> Result<ChunkRecord> + Sync + 
 fn follower(plan: &Plan, store: &Store, i: usize, selected: &[bool]) -> Result<Option<usize>> {
     let (s, j) = (&plan.stages[i], i + 1);
     let Some(f) = plan.stages.get(j) else { return Ok(None) };
-    let per_chunk = match f.mode {
-        Mode::PerChunk => true,
-        Mode::PerPrompt => s.aligned,
-        _ => false,
-    };
-    if s.mode != Mode::Source || !selected[j] || f.inputs != [i] || !per_chunk || !f.stage.parallel_chunks() {
+    if s.mode != Mode::Source || !selected[j] || f.inputs != [i] || !runs_per_chunk(f.mode, s.aligned) || !f.stage.parallel_chunks() {
         return Ok(None);
     }
     if store.shard().is_some() || store.remote().is_some() {
